@@ -1,0 +1,1 @@
+"""The methods: pure PyTorch, no Ray, no MLflow, no file formats."""

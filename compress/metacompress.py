@@ -1,0 +1,178 @@
+"""MetaCompress: an image-conditioned generator of the compression matrix P (paper section 5, appendix 8.2, 9).
+
+    E      = position embeddings of the layout                                   (n, d)
+    Xk     = (X + E) Wk                                                          (n, dc)
+    Xq     = Pool(X + E) Wq,  Pool: float stride n/m, kernel k, centred windows  (m, dc)
+    P      = softmax_over_n( Xq diag(w) Xk^T / sqrt(dc) )                        (m, n)
+    X~     = P X                                                                 (m, d)
+
+At initialisation (Wq == Wk, w == 1, E == 0) P behaves like pooling of the input (appendix 9).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.layout import Layout
+from compress.reduction import Reduction
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "metacompress"
+
+
+def pool_windows(n: int, m: int, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of a float-stride pooling from ``n`` to exactly ``m`` tokens.
+
+    Window ``i`` is centred on token ``floor((i + 0.5) * n / m)`` and spans ``kernel_size`` tokens, clipped to the
+    sequence. Returns ``index`` (m, k) long (clipped) and ``valid`` (m, k) bool.
+    """
+    centre = torch.floor((torch.arange(m, dtype=torch.float64) + 0.5) * n / m).long()
+    offsets = torch.arange(kernel_size) - (kernel_size - 1) // 2
+    raw = centre[:, None] + offsets[None, :]
+    valid = (raw >= 0) & (raw < n)
+    return raw.clamp(0, n - 1), valid
+
+
+def pool_tokens(z: torch.Tensor, m: int, kernel_size: int, mode: str = "avg") -> torch.Tensor:
+    """Down-sample ``z`` (n, d) to (m, d) by average (or max) pooling over :func:`pool_windows`."""
+    index, valid = pool_windows(z.shape[0], m, kernel_size)
+    index, valid = index.to(z.device), valid.to(z.device)
+    windows = z[index]  # (m, k, d)
+    if mode == "avg":
+        weights = valid.to(z.dtype) / valid.sum(1, keepdim=True).to(z.dtype)
+        return torch.einsum("mk,mkd->md", weights, windows)
+    if mode == "max":
+        return windows.masked_fill(~valid[..., None], float("-inf")).amax(1)
+    raise ValueError(f"pooling must be 'avg' or 'max', got {mode!r}")
+
+
+def default_layout(n: int) -> Layout:
+    """A square grid when ``n`` is a square (LLaVA-1.5), otherwise one row."""
+    side = math.isqrt(n)
+    return Layout.grid(side, side) if side * side == n else Layout.sequence(n)
+
+
+class MetaCompress(nn.Module):
+    """The MetaCompress generator.
+
+    Call ``module(x, num_keep, layout=None)`` with ``x`` (n, d) to get a :class:`Reduction` whose ``tokens`` are
+    (m, d) and ``matrix`` is P (m, n); or with a list of ``x_i`` (n_i, d) (and a list of ``num_keep`` / layouts)
+    to get a list of reductions computed in one padded batch.
+    """
+
+    def __init__(self, hidden_size: int, compress_dim: int = 256, kernel_size: int = 3,
+                 reference_grid: tuple[int, int] = (24, 24), pooling: str = "avg") -> None:
+        super().__init__()
+        if hidden_size < 1 or compress_dim < 1 or kernel_size < 1:
+            raise ValueError("hidden_size, compress_dim and kernel_size must be positive")
+        if pooling not in ("avg", "max"):
+            raise ValueError(f"pooling must be 'avg' or 'max', got {pooling!r}")
+        self.config = {"model_type": MODEL_TYPE, "hidden_size": hidden_size, "compress_dim": compress_dim,
+                       "kernel_size": kernel_size, "reference_grid": list(reference_grid), "pooling": pooling}
+        self.kernel_size = kernel_size
+        self.pooling = pooling
+        # Zero-initialised so that the initial behaviour is the pooling of appendix 9.
+        self.position_table = nn.Parameter(torch.zeros(hidden_size, *reference_grid))
+        self.layout_token = nn.Parameter(torch.zeros(hidden_size))
+        w = torch.randn(hidden_size, compress_dim) / math.sqrt(compress_dim)
+        self.w_query = nn.Parameter(w.clone())
+        self.w_key = nn.Parameter(w.clone())
+        self.omega = nn.Parameter(torch.ones(compress_dim))
+
+    @property
+    def compress_dim(self) -> int:
+        return self.w_key.shape[1]
+
+    def position_embeddings(self, layout: Layout) -> torch.Tensor:
+        """(n, d): the reference table interpolated to each segment's grid, the layout vector at newlines."""
+        d = self.position_table.shape[0]
+        emb = self.position_table.new_zeros(layout.num_tokens, d)
+        for seg in layout.segments:
+            grid = F.interpolate(self.position_table[None], size=(seg.height, seg.width), mode="bilinear",
+                                 align_corners=False)[0]
+            emb[seg.indices()] = grid.flatten(1).T
+        if layout.newlines:
+            emb[list(layout.newlines)] = self.layout_token
+        return emb
+
+    def logits(self, x: torch.Tensor, num_keep: int, layout: Layout | None = None) -> torch.Tensor:
+        """Pre-softmax compression scores (m, n) for one sequence ``x`` (n, d)."""
+        n = x.shape[0]
+        if not 1 <= num_keep <= n:
+            raise ValueError(f"num_keep must be in [1, {n}], got {num_keep}")
+        layout = layout or default_layout(n)
+        if layout.num_tokens != n:
+            raise ValueError(f"layout describes {layout.num_tokens} tokens but x has {n}")
+        z = x.to(self.w_key.dtype) + self.position_embeddings(layout)
+        keys = z @ self.w_key
+        queries = pool_tokens(z, num_keep, self.kernel_size, self.pooling) @ self.w_query
+        return (queries * self.omega) @ keys.T / math.sqrt(self.compress_dim)
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor], num_keep: int | list[int],
+                layout: Layout | list[Layout | None] | None = None) -> Reduction | list[Reduction]:
+        if isinstance(x, torch.Tensor):
+            return self._forward_batch([x], [num_keep], [layout])[0]
+        count = len(x)
+        keeps = num_keep if isinstance(num_keep, list) else [num_keep] * count
+        layouts = layout if isinstance(layout, list) else [layout] * count
+        if not len(keeps) == len(layouts) == count:
+            raise ValueError("x, num_keep and layout must have the same number of entries")
+        return self._forward_batch(list(x), keeps, layouts)
+
+    def _forward_batch(self, xs: list[torch.Tensor], keeps: list[int], layouts: list[Layout | None]) -> list[Reduction]:
+        # Pad to (B, m_max, n_max) so one softmax and one bmm serve the whole batch; padded keys get -inf.
+        scores = [self.logits(x, m, lay) for x, m, lay in zip(xs, keeps, layouts)]
+        n_max, m_max = max(x.shape[0] for x in xs), max(keeps)
+        padded = scores[0].new_full((len(xs), m_max, n_max), float("-inf"))
+        feats = xs[0].new_zeros(len(xs), n_max, xs[0].shape[1], dtype=scores[0].dtype)
+        for b, (s, x) in enumerate(zip(scores, xs)):
+            padded[b, : s.shape[0], : s.shape[1]] = s
+            feats[b, : x.shape[0]] = x
+        padded = padded.masked_fill(torch.isinf(padded).all(-1, keepdim=True), 0.0)  # padded query rows
+        p = padded.softmax(-1)
+        out = torch.bmm(p, feats)
+        return [Reduction(tokens=out[b, :m].to(x.dtype), matrix=p[b, :m, : x.shape[0]])
+                for b, (m, x) in enumerate(zip(keeps, xs))]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(directory / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "MetaCompress":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} is missing: a MetaCompress directory holds {CONFIG_NAME} "
+                                        f"and {WEIGHTS_NAME}, as written by MetaCompress.save_pretrained")
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        if config.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{directory / CONFIG_NAME}: model_type is {config.get('model_type')!r}, "
+                             f"expected {MODEL_TYPE!r}")
+        module = cls(config["hidden_size"], config["compress_dim"], config["kernel_size"],
+                     tuple(config["reference_grid"]), config.get("pooling", "avg"))
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
+        expected = module.state_dict()
+        if set(state) != set(expected):
+            raise ValueError(f"{directory / WEIGHTS_NAME}: tensors {sorted(state)} do not match the expected "
+                             f"{sorted(expected)}")
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(f"{directory / WEIGHTS_NAME}: tensor {key!r} has shape {tuple(value.shape)}, "
+                                 f"{CONFIG_NAME} implies {tuple(expected[key].shape)}")
+        module.load_state_dict(state)
+        return module.to(map_location)

@@ -1,0 +1,219 @@
+"""The pipeline configuration: typed dataclasses, loaded from YAML and validated (unknown keys and bad values are
+errors that name the key), resolved (relative paths against the config file), saved next to every output."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    path: str = "infra/reference/llava"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = "work/data/mt-shapes/train/dialogues.jsonl"
+    val: str = "work/data/mt-shapes/val/dialogues.jsonl"
+    test: str = "work/data/mt-shapes/test/dialogues.jsonl"
+    max_train_dialogues: int | None = None
+    max_eval_dialogues: int | None = None
+
+
+@dataclass
+class ShardConfig:
+    format: Literal["parquet", "webdataset"] = "parquet"
+    dialogues_per_shard: int = 64
+    max_error_fraction: float = 0.05
+    overwrite: bool = False
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = 16
+    num_actors: int = 1
+
+
+@dataclass
+class TeacherConfig:
+    top_k: int = 64
+    max_new_tokens: int = 8
+    history: Literal["own", "reference"] = "own"
+
+
+@dataclass
+class TrainConfig:
+    rates: list[float] = field(default_factory=lambda: [0.7, 0.9])
+    compress_dim: int = 256
+    kernel_size: int = 3
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 1e-3
+    grad_clip: float = 1e-2
+    epochs: int = 2
+    batch_size: int = 36
+    entropy_weight: float = 1.0
+    collapse_weight: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    num_workers: int = 1
+    checkpoint_every: int = 50
+    online_teacher: bool = False
+    seed: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    methods: list[str] = field(default_factory=lambda: ["random", "sample", "spatial", "fastv", "metacompress"])
+    rates: list[float] = field(default_factory=lambda: [0.7, 0.9])
+    history: Literal["own", "reference"] = "own"
+    max_new_tokens: int = 8
+    batch_size: int = 8
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None: a SQLite store in the work directory
+    experiment: str = "metacompress"
+    registered_model: str = "metacompress"
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS if set, else an embedded local cluster
+    num_cpus: int | None = None
+
+
+@dataclass
+class PipelineConfig:
+    work_dir: str = "work/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """sha256 of the canonical JSON of some sections: what a stage's outputs depend on."""
+        data = {s: self.to_dict()[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check_value(value, hint, key: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            return _check_value(value, arg, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed here: {sorted(names)}")
+    kwargs = {k: _check_value(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def validate(config: PipelineConfig) -> PipelineConfig:
+    checks = [
+        (all(0 < r < 1 for r in config.train.rates), "train.rates: every rate must be in (0, 1)"),
+        (all(0 < r < 1 for r in config.evaluate.rates), "evaluate.rates: every rate must be in (0, 1)"),
+        (0 <= config.shards.max_error_fraction <= 1, "shards.max_error_fraction must be in [0, 1]"),
+        (config.shards.dialogues_per_shard > 0, "shards.dialogues_per_shard must be positive"),
+        (config.teacher.top_k > 0, "teacher.top_k must be positive"),
+        (config.train.lr > 0, "train.lr must be positive"),
+        (config.train.batch_size > 0 and config.train.epochs > 0, "train.batch_size and train.epochs must be positive"),
+        (config.train.num_workers > 0, "train.num_workers must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return config
+
+
+def config_from_dict(data: dict) -> PipelineConfig:
+    return validate(_build(PipelineConfig, data or {}, ""))
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
+    """Load a YAML config (or the embedded default when ``path`` is None); relative paths resolve against the file."""
+    data: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        base = path.parent.resolve()
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        config = config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'default config'}: {err}") from None
+    return resolve_paths(config, base)
+
+
+def resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
+    def resolve(p: str | None) -> str | None:
+        if p is None or "://" in p:
+            return p
+        return str((base / p).resolve()) if not Path(p).is_absolute() else p
+
+    config.work_dir = resolve(config.work_dir)
+    config.model.path = resolve(config.model.path)
+    for name in ("train", "val", "test"):
+        setattr(config.data, name, resolve(getattr(config.data, name)))
+    return config

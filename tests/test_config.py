@@ -1,0 +1,53 @@
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, PipelineConfig, load_config
+
+
+def write(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_default_config_is_valid_and_round_trips(tmp_path):
+    config = load_config()
+    assert isinstance(config, PipelineConfig)
+    config.save(tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again.to_dict() == config.to_dict()
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    config = load_config(write(tmp_path, {"work_dir": "out", "model": {"path": "m"}, "data": {"train": "s3://b/t.jsonl"}}))
+    assert config.work_dir == str(tmp_path / "out")
+    assert config.model.path == str(tmp_path / "m")
+    assert config.data.train == "s3://b/t.jsonl"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"trian": {}}, "unknown key trian"),
+    ({"train": {"lrr": 1}}, "unknown key train.lrr"),
+    ({"train": {"lr": "fast"}}, "train.lr: expected float"),
+    ({"train": {"zero_stage": 4}}, r"train.zero_stage: 4 is not one of \[0, 1, 2, 3\]"),
+    ({"train": {"rates": [0.5, 1.0]}}, r"train.rates: every rate must be in \(0, 1\)"),
+    ({"shards": {"format": "csv"}}, "shards.format"),
+    ({"teacher": {"top_k": True}}, "teacher.top_k: expected int"),
+    ({"model": "x"}, "model: expected a mapping"),
+])
+def test_bad_configs_name_the_key(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, data))
+
+
+def test_ints_are_accepted_for_floats_and_overrides_apply(tmp_path):
+    config = load_config(write(tmp_path, {"train": {"lr": 1}}), overrides={"train.epochs": 3})
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.train.epochs == 3
+
+
+def test_section_hash_changes_only_with_its_sections():
+    a, b = load_config(), load_config()
+    b.train.lr = 0.5
+    assert a.section_hash("model", "teacher") == b.section_hash("model", "teacher")
+    assert a.section_hash("train") != b.section_hash("train")

@@ -1,0 +1,155 @@
+"""Answer scoring for the multi-turn benchmarks.
+
+Rules followed (see notes/baselines.md section 4):
+
+* **VQA-v2** (:func:`vqa_accuracy`): the *official* evaluation of GT-Vision-Lab/VQA
+  (``PythonEvaluationTools/vqaEvaluation/vqaEval.py``), reproduced rule by rule, including its quirks:
+
+  - the prediction: ``\\n`` and ``\\t`` become spaces, ``strip()``, then :func:`process_punctuation`, then
+    :func:`process_digit_article`;
+  - the reference answers get **only** :func:`process_punctuation`, and only when they are not all identical;
+  - score = mean over the references i of ``min(1, #{j != i : ref_j == prediction} / 3)`` (leave-one-out).
+
+  The punctuation set is the official one, ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !``. (LLaVA's EvalAI processor
+  and lmms-eval use variants. We do not follow them.) The official code passes ``re.UNICODE`` (32) as the *count*
+  argument of the period-stripping ``sub``, so at most 32 periods are removed. We keep that behaviour too.
+* **GQA and MT-Shapes** (:func:`exact_match`): both the prediction and each reference go through the same VQA
+  normalisation (punctuation, lower case, number words -> digits, articles dropped, contractions). Then the two
+  strings are compared for equality. The official GQA ``eval.py`` compares raw strings. LLaVA first applies
+  ``rstrip('.').lower()`` to the prediction, and lmms-eval ignores case and punctuation. On GQA's single-word
+  references our rule gives the lmms-eval result.
+* **Per turn** (:func:`per_turn_accuracy`): Acc_t is the mean score of turn t over the dialogues that have a turn t.
+  Avg is the mean of Acc_1..Acc_T. Both are reported in percent, as the official evaluator reports.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+# The official tables (GT-Vision-Lab/VQA vqaEval.py). The keys are the forms without an apostrophe.
+CONTRACTIONS: dict[str, str] = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+NUMBER_WORDS: dict[str, str] = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+ARTICLES = frozenset({"a", "an", "the"})
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+# Copied in meaning from the official code: "(?!<=\d)" is a look-*ahead* that is always true before a ".", so the
+# pattern removes every period that is not followed by a digit ("2.5" is kept, "yes." loses its period).
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_OFFICIAL_PERIOD_COUNT = re.UNICODE  # the official code passes this flag (== 32) as sub()'s count
+
+
+def process_punctuation(text: str) -> str:
+    """The official ``processPunctuation``. A punctuation mark is deleted where the text has it next to a space, or
+    where the text contains a digit-comma-digit. Everywhere else it becomes a space. Then periods that are not
+    followed by a digit are removed."""
+    out = text
+    has_digit_comma = _COMMA_STRIP.search(text) is not None
+    for p in PUNCTUATION:
+        # Like the official code, the test is made on the *input* text, not on the partly processed one.
+        if (p + " " in text or " " + p in text) or has_digit_comma:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out, count=int(_OFFICIAL_PERIOD_COUNT))
+
+
+def process_digit_article(text: str) -> str:
+    """The official ``processDigitArticle``: lower case, split on whitespace, number words zero..ten (and "none") ->
+    digits, articles a/an/the dropped, known contractions restored ("dont" -> "don't"), joined by single spaces."""
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in ARTICLES]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_vqa_answer(text: str) -> str:
+    """The full official processing of a *prediction*: whitespace, punctuation, then digits/articles."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return process_digit_article(process_punctuation(text))
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Official VQA-v2 soft accuracy of one prediction against its reference answers (10 for VQA-v2), in [0, 1].
+
+    Leave-one-out: for each reference i the prediction counts as matched ``min(1, m_i / 3)`` where m_i is the number of
+    *other* references equal to it. The score is the mean over i. With 10 references and k of them equal to the
+    prediction, this gives 0, 0.3, 0.6, 0.9, 1.0 for k = 0, 1, 2, 3, >= 4.
+    """
+    if isinstance(answers, str) or len(answers) == 0:
+        raise ValueError(f"vqa_accuracy needs a non-empty list of reference answers, got {answers!r}")
+    pred = normalize_vqa_answer(prediction)
+    refs = list(answers)
+    if len(set(refs)) > 1:  # official: references are processed only when they disagree, and only for punctuation
+        refs = [process_punctuation(a) for a in refs]
+    matches = [a == pred for a in refs]
+    total = sum(matches)
+    scores = [min(1.0, (total - int(hit)) / 3.0) for hit in matches]
+    return sum(scores) / len(scores)
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised reference, else 0.0 (GQA, MT-Shapes)."""
+    if isinstance(answers, str) or len(answers) == 0:
+        raise ValueError(f"exact_match needs a non-empty list of reference answers, got {answers!r}")
+    pred = normalize_vqa_answer(prediction)
+    return float(any(normalize_vqa_answer(a) == pred for a in answers))
+
+
+METRICS = {"vqa": vqa_accuracy, "exact": exact_match}
+
+
+def per_turn_accuracy(scores: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Per-turn accuracy of a set of dialogues, in percent.
+
+    ``scores[i][t]`` is the score in [0, 1] of turn t+1 of dialogue i. Dialogues may have different lengths. Returns
+    ``{"Acc_1": .., ..., "Acc_T": .., "Avg": ..}``, where T is the longest dialogue, Acc_t is averaged over the
+    dialogues that reach turn t, and Avg is the mean of the Acc_t.
+    """
+    if len(scores) == 0:
+        raise ValueError("per_turn_accuracy needs at least one dialogue's scores")
+    sums: list[float] = []
+    counts: list[int] = []
+    for i, dialogue in enumerate(scores):
+        if len(dialogue) == 0:
+            raise ValueError(f"dialogue {i} has no turn scores")
+        for t, s in enumerate(dialogue):
+            if not 0.0 <= float(s) <= 1.0:
+                raise ValueError(f"score of dialogue {i} turn {t + 1} is {s}, outside [0, 1]")
+            if t == len(sums):
+                sums.append(0.0)
+                counts.append(0)
+            sums[t] += float(s)
+            counts[t] += 1
+    out = {f"Acc_{t + 1}": 100.0 * sums[t] / counts[t] for t in range(len(sums))}
+    out["Avg"] = sum(out.values()) / len(sums)
+    return out

@@ -1,0 +1,127 @@
+"""VQA-v2 soft accuracy and normalisation on cases computed by hand from the official rules (vqaEval.py), exact match,
+and per-turn accuracy."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pipeline.metrics import (
+    exact_match,
+    normalize_vqa_answer,
+    per_turn_accuracy,
+    process_digit_article,
+    process_punctuation,
+    vqa_accuracy,
+)
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Two dogs.", "2 dogs"),  # final period stripped, number word -> digit
+        ("The  Cat!", "cat"),  # "!" not beside a space -> becomes a space; article dropped; lower case
+        ("yes, it is", "yes it is"),  # "," beside a space -> deleted
+        ("1,000", "1000"),  # digit-comma-digit -> every listed mark deleted
+        ("a,b", "b"),  # "," replaced by a space, then the article "a" dropped
+        ("t-shirt", "t shirt"),  # "-" inside a word -> space
+        ("well - maybe", "well maybe"),  # "-" beside spaces -> deleted, then whitespace collapsed
+        ("2.5", "2.5"),  # a period before a digit is kept
+        ("3.", "3"),
+        ("none", "0"),
+        ("\tten\n", "10"),
+        ("dont", "don't"),  # contraction restored
+        ("isnt it", "isn't it"),
+        ("Im", "im"),  # the official table's key is "Im", but lower() runs first: never matches (official quirk)
+        ("don't", "don't"),  # "'" is not in the official punctuation list
+        ("an apple", "apple"),
+        ("what's up?", "what's up"),
+    ],
+)
+def test_normalize_hand_cases(raw: str, expected: str) -> None:
+    assert normalize_vqa_answer(raw) == expected
+
+
+def test_period_strip_count_quirk() -> None:
+    # The official code passes re.UNICODE (== 32) as the count: at most 32 periods go.
+    assert process_punctuation("." * 40) == "." * 8
+
+
+def test_punctuation_decision_uses_input_text() -> None:
+    # "(" is beside a space in the input -> deleted everywhere; ")" is not beside a space -> replaced by a space.
+    assert process_punctuation("a (b)c") == "a b c"
+    assert process_digit_article("The THREE Bears") == "3 bears"
+
+
+@pytest.mark.parametrize(
+    "prediction, answers, expected",
+    [
+        ("two", ["2"] * 10, 1.0),
+        ("Yes.", ["yes"] * 3 + ["no"] * 7, 0.9),  # k = 3: (3 * 2/3 + 7 * 1) / 10
+        ("no", ["yes"] * 3 + ["no"] * 7, 1.0),
+        ("maybe", ["yes"] * 3 + ["no"] * 7, 0.0),
+        ("red", ["red"] + ["blue"] * 9, 0.3),  # k = 1: (1 * 0 + 9 * 1/3) / 10
+        ("red", ["red"] * 2 + ["blue"] * 8, 0.6),  # k = 2: (2 * 1/3 + 8 * 2/3) / 10
+        ("red", ["red"] * 4 + ["blue"] * 6, 1.0),  # k = 4: every leave-one-out set has >= 3 matches
+        ("t shirt", ["t-shirt"] * 2 + ["shirt"] * 8, 0.6),  # references disagree -> punctuation processed
+        ("t-shirt", ["t-shirt"] * 2 + ["shirt"] * 8, 0.6),
+        ("two", ["two"] * 4 + ["three"] * 6, 0.0),  # references never get number-word processing (official)
+        ("two", ["two"] * 3 + ["2"] * 7, 1.0),
+        ("a dog", ["dog"] * 10, 1.0),
+        ("the dog", ["the dog"] * 10, 0.0),  # identical references are not processed at all; prediction is
+        ("dog", ["the dog"] * 10, 0.0),
+    ],
+)
+def test_vqa_accuracy_hand_cases(prediction: str, answers: list[str], expected: float) -> None:
+    assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
+
+
+def _official_loop(prediction: str, answers: list[str]) -> float:
+    """The official per-question loop, written over answer dicts with ids as the official code does."""
+    gts = [{"answer": a, "answer_id": i + 1} for i, a in enumerate(answers)]
+    res = normalize_vqa_answer(prediction)
+    if len({g["answer"] for g in gts}) > 1:
+        for g in gts:
+            g["answer"] = process_punctuation(g["answer"])
+    accs = []
+    for g in gts:
+        others = [item for item in gts if item != g]
+        accs.append(min(1.0, len([item for item in others if item["answer"] == res]) / 3))
+    return sum(accs) / len(accs)
+
+
+def test_vqa_accuracy_matches_official_loop_on_random_cases() -> None:
+    rng = random.Random(0)
+    pool = ["yes", "no", "2", "two", "red", "t-shirt", "t shirt", "the cat", "cat", "1,000", "1000"]
+    for _ in range(300):
+        answers = [rng.choice(pool) for _ in range(10)]
+        prediction = rng.choice(pool + ["Yes.", "Two", "A cat!"])
+        assert vqa_accuracy(prediction, answers) == pytest.approx(_official_loop(prediction, answers))
+
+
+def test_exact_match() -> None:
+    assert exact_match("Yes.", ["yes"]) == 1.0
+    assert exact_match("The red", ["red"]) == 1.0
+    assert exact_match("two", ["2"]) == 1.0
+    assert exact_match("2", ["two"]) == 1.0  # both sides normalised
+    assert exact_match("blue", ["red", "green"]) == 0.0
+    assert exact_match("green", ["red", "green"]) == 1.0
+    assert exact_match("red car", ["red"]) == 0.0
+    with pytest.raises(ValueError, match="non-empty"):
+        exact_match("red", [])
+    with pytest.raises(ValueError, match="non-empty"):
+        vqa_accuracy("red", "red")  # a bare string is not a list of answers
+
+
+def test_per_turn_accuracy() -> None:
+    out = per_turn_accuracy([[1, 0, 1], [0, 0, 1]])
+    assert out == pytest.approx({"Acc_1": 50.0, "Acc_2": 0.0, "Acc_3": 100.0, "Avg": 50.0})
+    out = per_turn_accuracy([[1.0, 1.0], [0.0]])  # turn 2 is averaged over the one dialogue that has it
+    assert out == pytest.approx({"Acc_1": 50.0, "Acc_2": 100.0, "Avg": 75.0})
+    out = per_turn_accuracy([[0.9, 0.3, 0.6]])
+    assert out == pytest.approx({"Acc_1": 90.0, "Acc_2": 30.0, "Acc_3": 60.0, "Avg": 60.0})
+    with pytest.raises(ValueError, match="dialogue 0 turn 2"):
+        per_turn_accuracy([[1.0, 1.5]])
+    with pytest.raises(ValueError):
+        per_turn_accuracy([])

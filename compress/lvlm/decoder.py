@@ -1,0 +1,123 @@
+"""A thin driver over transformers' Llama decoder layers, for batched multi-turn chat with a reused KV cache.
+
+Why not ``LlamaModel.forward``: FastV leaves the layers with different cache lengths (layers < K keep every
+token, layers >= K only the kept ones), so each layer needs its own key mask; and pruned tokens keep their original
+rotary positions. The driver calls the model's own ``LlamaDecoderLayer`` modules (weights, attention kernel,
+``DynamicCache`` updates all theirs) and only owns the masks and positions.
+
+Conventions: B dialogues in a batch; a step feeds ``q`` new positions per row, left-padded (``new_mask`` False on
+pads; pads may also sit between turns). Real tokens get consecutive positions per row, counted over real tokens
+only, so a padded row computes exactly what the same row computes alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+import torch
+from torch import nn
+
+
+@dataclass
+class DecoderState:
+    """cache: ``DynamicCache`` (or None: no cache, a single forward). key_masks[l]: (B, kv_l) bool, real cached
+    keys of layer l (layers sharing a mask share the tensor object). next_pos: (B,) positions consumed so far.
+    layer_tokens[l]: (B,) real cached tokens of layer l (for KV-cache length and FLOPs)."""
+
+    cache: object | None
+    key_masks: list[torch.Tensor]
+    next_pos: torch.Tensor
+    layer_tokens: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, lm: nn.Module, batch: int, device: torch.device, use_cache: bool = True) -> "DecoderState":
+        from transformers import DynamicCache
+
+        empty = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        n = len(lm.layers)
+        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        return cls(DynamicCache(config=lm.config) if use_cache else None, [empty] * n, zeros.clone(), [zeros] * n)
+
+    def snapshot(self) -> tuple:
+        lengths = [m.shape[1] for m in self.key_masks]
+        return lengths, list(self.key_masks), self.next_pos.clone(), list(self.layer_tokens)
+
+    def restore(self, snap: tuple) -> None:
+        """Roll back to a snapshot: drop the cache entries added since (e.g. the tokens decoded this turn)."""
+        lengths, masks, next_pos, tokens = snap
+        if self.cache is not None:
+            for layer, length in zip(self.cache.layers, lengths):
+                extra = layer.get_seq_length() - length
+                if extra > 0:
+                    layer.crop(-extra)
+        self.key_masks, self.next_pos, self.layer_tokens = masks, next_pos, tokens
+
+
+def additive_mask(key_mask: torch.Tensor, q: int, dtype: torch.dtype) -> torch.Tensor:
+    """key_mask (B, kv) bool; the last q keys are the queries themselves. -> (B, 1, q, kv) additive mask:
+    0 where query i may see key j (a real key, not in the future), the dtype's minimum elsewhere."""
+    kv = key_mask.shape[1]
+    i = torch.arange(q, device=key_mask.device)[:, None]
+    j = torch.arange(kv, device=key_mask.device)[None, :]
+    allowed = (j <= kv - q + i)[None] & key_mask[:, None, :]
+    out = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
+    return out.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@contextlib.contextmanager
+def eager_attention(attn: nn.Module):
+    """Run one attention module with eager attention and capture its weights (B, H, q, kv) in ``box["weights"]``.
+    Only this layer changes kernel (flash/sdpa return no weights); the config copy keeps the others untouched."""
+    box: dict[str, torch.Tensor] = {}
+    original = attn.config
+    attn.config = copy.copy(original)
+    attn.config._attn_implementation = "eager"
+    handle = attn.register_forward_hook(lambda mod, args, out: box.__setitem__("weights", out[1]))
+    try:
+        yield box
+    finally:
+        handle.remove()
+        attn.config = original
+
+
+def forward(lm: nn.Module, state: DecoderState, embeds: torch.Tensor, new_mask: torch.Tensor,
+            pruner=None, record: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed embeds (B, q, d) (new_mask (B, q) bool) through every layer of ``lm`` (a ``LlamaModel``), appending
+    to ``state``. ``pruner`` (with ``.layer`` and ``__call__(weights, new_mask) -> (index, valid)``) shortens the
+    sequence after that layer. ``record`` gets one (q_real (B,), kv_real (B,)) pair per layer, for FLOPs.
+    Returns (hidden (B, q', d) after the final norm, new_mask (B, q'))."""
+    pos = (state.next_pos[:, None] + new_mask.long().cumsum(1) - 1).clamp(min=0)
+    state.next_pos = state.next_pos + new_mask.sum(1)
+    hidden = embeds
+    cos, sin = lm.rotary_emb(hidden, position_ids=pos)
+    cur = new_mask
+    memo: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    key_masks, tokens = list(state.key_masks), list(state.layer_tokens)
+    for index, layer in enumerate(lm.layers):
+        key = (id(state.key_masks[index]), id(cur))
+        if key not in memo:  # layers that share their cached mask share the 4-D mask too
+            km = torch.cat([state.key_masks[index], cur], 1)
+            memo[key] = (km, additive_mask(km, cur.shape[1], hidden.dtype))
+        km, mask = memo[key]
+        key_masks[index] = km
+        real = cur.sum(1)
+        tokens[index] = state.layer_tokens[index] + real
+        if record is not None:
+            record.append((real, tokens[index]))
+        call = dict(attention_mask=mask, position_ids=pos, past_key_values=state.cache,
+                    use_cache=state.cache is not None, position_embeddings=(cos, sin))
+        if pruner is not None and index == pruner.layer:
+            with eager_attention(layer.self_attn) as box:
+                hidden = layer(hidden, **call)
+            idx, valid = pruner(box["weights"], cur)
+            take = idx[..., None]
+            hidden = hidden.gather(1, take.expand(-1, -1, hidden.shape[-1]))
+            cos = cos.gather(1, take.expand(-1, -1, cos.shape[-1]))  # original rotary positions, gapped
+            sin = sin.gather(1, take.expand(-1, -1, sin.shape[-1]))
+            pos = pos.gather(1, idx)
+            cur = cur.gather(1, idx) & valid
+        else:
+            hidden = layer(hidden, **call)
+    state.key_masks, state.layer_tokens = key_masks, tokens
+    return lm.norm(hidden), cur

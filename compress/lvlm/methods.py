@@ -1,0 +1,72 @@
+"""Token-reduction methods by name, of four kinds (a registry is a dict):
+
+- ``none``: all visual tokens ("full").
+- ``feature``: ``fn(x (n, d), num_keep, layout) -> Reduction`` on X_IMG once per image (random, sample, spatial,
+  metacompress).
+- ``llm``: inside the LLM at the first prefill (fastv); ``fn`` is ignored, the session drives
+  ``compress.baselines.fastv.FastV``.
+- ``vision``: inside the CLIP vision tower, ``fn(vision_tower, pixel_values, num_keep, feature_layer,
+  select_strategy, **options)`` (tome, prumerge, prumerge_plus, visionzip); the adapter applies the projector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+KINDS = ("none", "feature", "llm", "vision")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str
+    fn: Callable | None = None
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+
+
+METHODS: dict[str, Method] = {
+    "full": Method("full", "none"),
+    "fastv": Method("fastv", "llm"),
+}
+
+
+def register_method(name: str, kind: str, fn: Callable | None = None, **options) -> Method:
+    """Add (or replace) a method in the registry."""
+    METHODS[name] = Method(name, kind, fn, options)
+    return METHODS[name]
+
+
+def available_methods() -> dict[str, Method]:
+    """The built-in methods plus the project's reducers: ``compress.baselines.FEATURE_REDUCERS``,
+    ``compress.baselines.vision.VISION_REDUCERS`` and ``metacompress`` (needs a compressor directory)."""
+    from compress.baselines import FEATURE_REDUCERS
+    from compress.baselines.vision import VISION_REDUCERS
+
+    out = {name: Method(name, "feature", fn) for name, fn in FEATURE_REDUCERS.items()}
+    out.update({name: Method(name, "vision", fn) for name, fn in VISION_REDUCERS.items()})
+    out["metacompress"] = Method("metacompress", "feature")  # fn bound by get_method from the compressor
+    out.update(METHODS)
+    return out
+
+
+def get_method(name: str, compressor=None) -> Method:
+    """The method called ``name``. ``compressor``: a ``MetaCompress`` module or the directory of one (required for
+    ``metacompress``). Unknown names raise ValueError listing the known ones."""
+    methods = available_methods()
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(methods))}")
+    method = methods[name]
+    if name == "metacompress" and method.fn is None:
+        if compressor is None:
+            raise ValueError("method 'metacompress' needs a trained compressor: pass --compressor DIR")
+        if not callable(compressor):
+            from compress.metacompress import MetaCompress
+
+            compressor = MetaCompress.from_pretrained(compressor).eval()
+        method = Method(name, "feature", compressor)
+    return method

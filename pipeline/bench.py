@@ -40,7 +40,7 @@ def bench_reducer(args) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from compress.baselines import FEATURE_REDUCERS
-    from compress.flops import LLAMA_7B, decoder_prefill_flops, metacompress_flops
+    from compress.flops import LLAMA_7B, llama_prefill_flops, metacompress_flops
     from compress.metacompress import MetaCompress
     from compress.reduction import num_keep
 
@@ -60,7 +60,7 @@ def bench_reducer(args) -> None:
                    "spatial": FEATURE_REDUCERS["spatial"]}
         for rate in args.rates:
             m = num_keep(n, rate)
-            prefill = decoder_prefill_flops(LLAMA_7B, m + args.text_tokens)
+            prefill = llama_prefill_flops(LLAMA_7B, m + args.text_tokens)
             for name, reduce in methods.items():
                 def call():
                     with torch.no_grad():

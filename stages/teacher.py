@@ -1,0 +1,154 @@
+"""Stage `teacher`: full-token multi-turn generation on the cached features -> teacher-target shards (DESIGN 3).
+
+Per dialogue: the teacher's own greedy answers (text and token ids per turn, the history holding its own answers)
+and, at every answer token, the top-k log-probabilities and ids (float16 + int32) and the log of the remaining tail
+mass (float32). The targets come from one teacher-forced pass over the whole dialogue with the generated answers,
+which is the same computation as the generation (checked by a test).
+"""
+
+from __future__ import annotations
+
+from pipeline.config import PipelineConfig
+from pipeline.shards import StageOutput
+from stages import extract
+from stages.common import StageReport, model_identity, run_sharded, shard_ranges
+
+STAGE = "teacher"
+
+
+def stage_hash(config: PipelineConfig) -> str:
+    from pipeline.shards import config_hash
+
+    return config_hash({"model": model_identity(config.model.path), "dtype": config.model.dtype,
+                        "top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
+                        "history": config.teacher.history, "format": config.shards.format})
+
+
+def output_uri(config: PipelineConfig, split: str) -> str:
+    return f"{config.work_dir}/{STAGE}/{split}"
+
+
+def output_args(config: PipelineConfig, split: str) -> dict:
+    from pipeline.shards import read_completed
+
+    return dict(uri=output_uri(config, split), stage=STAGE, config_hash=stage_hash(config),
+                input_hash=read_completed(extract.output_uri(config, split))["config_hash"], fmt=config.shards.format)
+
+
+def topk_targets(logits, k: int):
+    """logits (A, V) -> top-k log-probs (A, k), ids (A, k) and log tail mass (A,), all on the CPU."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), -1)
+    top, ids = logprobs.topk(min(k, logprobs.shape[-1]), -1)
+    # log(1 - sum p_topk) computed as log(sum of the other probabilities): exact where the tail is tiny.
+    tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), -1)
+    return top.cpu(), ids.cpu(), tail.cpu()
+
+
+class TeacherWorker:
+    def __init__(self, model_path: str, dtype: str, device: str, teacher: dict, out_args: dict,
+                 feature_args: dict) -> None:
+        import torch
+
+        from compress.lvlm import load_adapter
+        from pipeline.env import apply_defaults
+
+        apply_defaults()
+        self.adapter = load_adapter(model_path, device=device, dtype=getattr(torch, dtype))
+        self.teacher = teacher
+        self.out = StageOutput(**out_args)
+        self.features = StageOutput(**feature_args)
+
+    def _dialogue_batch(self, features: list, dialogues: list[dict]) -> list[dict]:
+        import torch
+
+        from compress.lvlm.session import BatchChatSession, answer_logits_batch
+
+        ad = self.adapter
+        session = BatchChatSession(ad, "full", max_new_tokens=self.teacher["max_new_tokens"], history="model")
+        session.set_images(features)
+        turns = len(dialogues[0]["questions"])
+        answer_ids: list[list[list[int]]] = [[] for _ in dialogues]
+        for t in range(turns):
+            for b, result in enumerate(session.ask([d["questions"][t] for d in dialogues])):
+                answer_ids[b].append(result.answer_ids)
+        with torch.no_grad():
+            forced = answer_logits_batch(ad, [f.tokens for f in features], [d["questions"] for d in dialogues],
+                                         answer_ids)
+        rows = []
+        for d, ids_per_turn, out in zip(dialogues, answer_ids, forced):
+            top, ids, tail = topk_targets(out.logits, self.teacher["top_k"])
+            per_turn = [out.turn_index == t for t in range(turns)]
+            rows.append({"dialogue_id": d["dialogue_id"], "answers": [ad.decode(a) for a in ids_per_turn],
+                         "answer_ids": [torch.tensor(a, dtype=torch.int32) for a in ids_per_turn],
+                         "topk_logprobs": [top[m].half() for m in per_turn],
+                         "topk_ids": [ids[m].int() for m in per_turn],
+                         "tail_logmass": [tail[m].float() for m in per_turn]})
+        return rows
+
+    def run_shard(self, index: int, dialogues: list[dict]) -> dict:
+        import json
+
+        import torch
+
+        from compress.layout import Layout
+        from compress.lvlm.base import EncodedImage
+        from pipeline.shards import bf16_to_torch
+
+        cached = {r["dialogue_id"]: r for r in self.features.read_records(index)}
+        present = [d for d in dialogues if d["dialogue_id"] in cached]  # the rest failed in extract
+        encoded = []
+        for d in present:
+            r = cached[d["dialogue_id"]]
+            x = r["features"]
+            x = bf16_to_torch(x) if x.dtype.name == "uint16" else torch.from_numpy(x.copy())
+            encoded.append(EncodedImage(x.to(self.adapter.device, self.adapter.dtype),
+                                        Layout.from_dict(json.loads(r["layout"])), None, (0, 0)))
+        rows, errors = [], []
+        # Dialogues with the same number of turns go through the session together.
+        by_turns: dict[int, list[int]] = {}
+        for j, d in enumerate(present):
+            by_turns.setdefault(len(d["questions"]), []).append(j)
+        batch = self.teacher["batch_size"]
+        for group in by_turns.values():
+            for start in range(0, len(group), batch):
+                chunk = group[start:start + batch]
+                rows += self._dialogue_batch([encoded[j] for j in chunk], [present[j] for j in chunk])
+        order = {d["dialogue_id"]: j for j, d in enumerate(present)}
+        rows.sort(key=lambda r: order[r["dialogue_id"]])
+        self.out.write_shard(index, rows)
+        return {"records": len(rows), "errors": errors}
+
+
+def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> StageReport:
+    import ray
+
+    from pipeline.cluster import device_for, gpus_per_actor
+    from pipeline.shards import read_completed
+
+    if config.teacher.history != "own":
+        raise ValueError("teacher.history: the teacher cache is built from the model's own answers ('own'); "
+                         "'reference' is an evaluation option (evaluate.history)")
+    feature_uri = extract.output_uri(config, split)
+    feature_manifest = read_completed(feature_uri)
+    if feature_manifest["config_hash"] != extract.stage_hash(config):
+        raise ValueError(f"{feature_uri} was extracted with another model, dtype or format than this config; run "
+                         "the extract stage for this config first (or point work_dir elsewhere)")
+    records, _ = extract.load_split(config, split, extract.split_limit(config, split))
+    feature_args = dict(uri=feature_uri, stage=extract.STAGE, config_hash=feature_manifest["config_hash"],
+                        input_hash=feature_manifest["input_hash"], fmt=config.shards.format)
+    out_args = output_args(config, split)
+    out = StageOutput(**out_args)
+    out.prepare(config.to_dict(), overwrite=config.shards.overwrite)
+    ranges = shard_ranges(len(records), config.shards.dialogues_per_shard)
+    gpus = gpus_per_actor()
+    teacher = {"top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
+               "batch_size": config.evaluate.batch_size}
+    actor_cls = ray.remote(num_gpus=gpus, num_cpus=1)(TeacherWorker)
+    return run_sharded(
+        out, len(ranges), len(records),
+        make_actor=lambda: actor_cls.remote(config.model.path, config.model.dtype, device_for(gpus), teacher,
+                                            out_args, feature_args),
+        num_actors=config.extract.num_actors, task_args=lambda i: (i, records[ranges[i][0]:ranges[i][1]]),
+        max_error_fraction=config.shards.max_error_fraction, progress=progress)

@@ -1,0 +1,185 @@
+"""extract + teacher on real Ray with a tiny LLaVA: resume, corruption, mismatch, bad records, cached targets."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import save_tiny
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from pipeline.datasets.mt_shapes import MTShapesConfig, generate
+
+    root = tmp_path_factory.mktemp("stages")
+    generate(root / "data", total=30, seed=0, cfg=MTShapesConfig(image_size=32), val=0, test=10)
+    save_tiny(root / "model", "llava", num_layers=2)
+    return root
+
+
+def make_config(root: Path, work: str = "work", per_shard: int = 4, **teacher):
+    from pipeline.config import config_from_dict, resolve_paths
+
+    data = {"work_dir": str(root / work), "model": {"path": str(root / "model")},
+            "data": {"train": str(root / "data/train/dialogues.jsonl"), "test": str(root / "data/test/dialogues.jsonl"),
+                     "val": str(root / "data/test/dialogues.jsonl")},
+            "shards": {"dialogues_per_shard": per_shard}, "teacher": {"top_k": 8, "max_new_tokens": 3, **teacher},
+            "evaluate": {"batch_size": 3}}
+    return resolve_paths(config_from_dict(data), root)
+
+
+def shard_bytes(uri: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(uri).glob("part-*"))}
+
+
+def test_extract_writes_features_equal_to_the_vision_tower(workspace, ray_local):
+    import numpy as np
+    import torch
+
+    from compress.lvlm import load_adapter
+    from pipeline.dialogues import load_dialogues
+    from pipeline.shards import StageOutput
+    from stages import extract
+
+    config = make_config(workspace)
+    report = extract.run(config, "train", progress=False)
+    assert report.shards == 5 and report.computed == 5 and report.records == 20
+    out = StageOutput(**extract.output_args(config, "train"))
+    assert out.is_complete()
+    adapter = load_adapter(config.model.path)
+    dialogues = load_dialogues(config.data.train)
+    rows = out.read_records(1)
+    assert [r["dialogue_id"] for r in rows] == [d.dialogue_id for d in dialogues[4:8]]
+    for row, dialogue in zip(rows, dialogues[4:8]):
+        expected = adapter.encode(dialogue.image).tokens.half().numpy()
+        assert row["n_tokens"] == expected.shape[0] == 64
+        np.testing.assert_array_equal(row["features"], expected)
+
+    again = extract.run(config, "train", progress=False)
+    assert again.computed == 0  # a finished stage does no model work
+
+
+def test_corrupt_shard_is_recomputed_byte_identically(workspace, ray_local):
+    from stages import extract
+
+    config = make_config(workspace)
+    extract.run(config, "train", progress=False)
+    uri = extract.output_uri(config, "train")
+    before = shard_bytes(uri)
+    victim = Path(uri) / "part-00002.parquet"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (Path(uri) / "part-00003.parquet").unlink()
+    report = extract.run(config, "train", progress=False)
+    assert report.computed == 2
+    assert shard_bytes(uri) == before
+
+
+def test_teacher_targets_reproduce_the_full_model(workspace, ray_local):
+    import torch
+
+    from compress.lvlm import load_adapter
+    from compress.lvlm.session import dialogue_ids
+    from pipeline.dialogues import load_dialogues
+    from pipeline.shards import StageOutput, bytes_per_answer_token
+    from stages import extract, teacher
+
+    config = make_config(workspace)
+    extract.run(config, "train", progress=False)
+    report = teacher.run(config, "train", progress=False)
+    assert report.records == 20
+    out = StageOutput(**teacher.output_args(config, "train"))
+    row = out.read_records(0)[1]
+    dialogue = load_dialogues(config.data.train)[1]
+    adapter = load_adapter(config.model.path)
+    encoded = adapter.encode(dialogue.image)
+    answers = [list(a) for a in row["answer_ids"]]
+    ids, positions, turn_of = dialogue_ids(adapter, encoded.tokens.shape[0], [t.question for t in dialogue.turns],
+                                           answers)
+    # independent reference: the model's own forward with pixel values (not the cached features)
+    with torch.no_grad():
+        full = adapter.full_forward_logits(torch.tensor([ids]), encoded)[0].float().log_softmax(-1)
+    at = torch.tensor(positions) - 1
+    full_at = full[at]
+    top = torch.cat([torch.from_numpy(x.astype("float32")) for x in row["topk_logprobs"]])
+    top_ids = torch.cat([torch.from_numpy(x.astype("int64")) for x in row["topk_ids"]])
+    tail = torch.cat([torch.from_numpy(x) for x in row["tail_logmass"]])
+    torch.testing.assert_close(top, full_at.gather(-1, top_ids), atol=2e-2, rtol=1e-2)  # float16 storage
+    assert torch.equal(full_at.argmax(-1), torch.cat([torch.tensor(a, dtype=torch.long) for a in answers]))
+    # KL(full || cached top-k + tail bucket) is bounded by the tail mass
+    p = full_at.exp()
+    tail_mass = tail.exp()
+    kl_topk = (p.gather(-1, top_ids) * (full_at.gather(-1, top_ids) - top)).sum(-1)
+    p_tail = 1 - p.gather(-1, top_ids).sum(-1)
+    kl = kl_topk + p_tail * (p_tail.clamp_min(1e-12).log() - tail)
+    assert (kl <= tail_mass + 1e-3).all()
+    print(f"teacher cache: {bytes_per_answer_token(out, report.shards):.0f} bytes per answer token at k = 8")
+
+
+def test_outputs_of_another_config_are_refused(workspace, ray_local):
+    from pipeline.shards import IncompatibleOutput
+    from stages import extract, teacher
+
+    config = make_config(workspace)
+    extract.run(config, "train", progress=False)
+    teacher.run(config, "train", progress=False)
+    other = make_config(workspace, top_k=4)
+    with pytest.raises(IncompatibleOutput, match="overwrite"):
+        teacher.run(other, "train", progress=False)
+    other.shards.overwrite = True
+    assert teacher.run(other, "train", progress=False).computed == 5
+
+
+def test_bad_records_go_to_errors_and_fail_past_the_fraction(workspace, ray_local):
+    from pipeline.dialogues import load_dialogues, write_dialogues
+    from stages import extract
+    from stages.common import StageFailed
+
+    dialogues = load_dialogues(workspace / "data/train/dialogues.jsonl")[:8]
+    bad_dir = workspace / "bad"
+    bad_dir.mkdir(exist_ok=True)
+    dialogues[3] = dataclasses.replace(dialogues[3], image=str(bad_dir / "missing.png"))
+    write_dialogues(bad_dir / "dialogues.jsonl", dialogues)
+    config = make_config(workspace, work="work_bad")
+    config.data.train = str(bad_dir / "dialogues.jsonl")
+    config.shards.max_error_fraction = 0.2
+    report = extract.run(config, "train", progress=False)
+    assert report.records == 7 and report.errors == 1
+    errors = [json.loads(line) for line in (Path(extract.output_uri(config, "train")) / "_errors.jsonl").open()]
+    assert errors[0]["record_id"] == dialogues[3].dialogue_id and "missing.png" in errors[0]["reason"]
+    config.work_dir = str(workspace / "work_bad2")
+    config.shards.max_error_fraction = 0.1
+    with pytest.raises(StageFailed, match="_errors.jsonl"):
+        extract.run(config, "train", progress=False)
+
+
+def test_driver_killed_mid_stage_then_rerun_matches_uninterrupted(workspace, ray_local):
+    from stages import extract
+
+    reference = make_config(workspace, work="work_ref", per_shard=2)
+    extract.run(reference, "train", progress=False)
+    config = make_config(workspace, work="work_kill", per_shard=2)
+    config_file = workspace / "kill.yaml"
+    config.save(config_file)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out_dir = Path(extract.output_uri(config, "train"))
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config_file), "--stages", "extract"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(out_dir.glob("part-*.parquet")) and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.05)
+    os.killpg(driver.pid, 9)  # the driver and everything it started
+    driver.wait()
+    written = len(list(out_dir.glob("part-*.parquet")))
+    assert 1 <= written < 10, f"the kill came too late to test anything ({written} shards written)"
+    assert not (out_dir / "_SUCCESS").exists()
+    report = extract.run(config, "train", progress=False)
+    assert report.computed == 10 - written
+    assert shard_bytes(str(out_dir)) == shard_bytes(extract.output_uri(reference, "train"))

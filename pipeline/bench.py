@@ -75,6 +75,60 @@ def bench_reducer(args) -> None:
                       f"{counted / 1e9:.2f} / {analytic_text} | {prefill / 1e12:.2f} | {100 * counted / prefill:.3f} % |")
 
 
+def bench_extract(args) -> None:
+    """Extract-stage throughput against a bare in-process loop, a no-op re-run, and the teacher cache size."""
+    import tempfile
+    from pathlib import Path
+
+    from compress.lvlm import load_adapter
+    from pipeline.cluster import init_ray
+    from pipeline.config import config_from_dict, resolve_paths
+    from pipeline.datasets.mt_shapes import MTShapesConfig, generate
+    from pipeline.dialogues import load_dialogues
+    from pipeline.shards import StageOutput, bytes_per_answer_token
+    from stages import extract, teacher
+
+    root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-extract-"))
+    if args.dialogues:
+        data = args.dialogues
+    else:
+        generate(root / "data", total=args.count, seed=0, cfg=MTShapesConfig(image_size=args.image_size), val=0, test=0)
+        data = str(root / "data/train/dialogues.jsonl")
+    config = resolve_paths(config_from_dict({
+        "work_dir": str(root / "work"), "model": {"path": args.model}, "data": {"train": data},
+        "shards": {"dialogues_per_shard": args.per_shard}, "extract": {"num_actors": args.actors},
+        "teacher": {"top_k": args.top_k}, "ray": {"num_cpus": args.actors}}), Path.cwd())
+    images = [d.image for d in load_dialogues(data)]
+
+    start = time.perf_counter()
+    adapter = load_adapter(config.model.path)
+    loaded = time.perf_counter()
+    for image in images:
+        adapter.encode(image)
+    bare_s, bare_load_s = time.perf_counter() - loaded, loaded - start
+    del adapter
+
+    init_ray(config)
+    start = time.perf_counter()
+    report = extract.run(config, "train")
+    stage_s = time.perf_counter() - start
+    start = time.perf_counter()
+    extract.run(config, "train", progress=False)
+    noop_s = time.perf_counter() - start
+    teacher_report = teacher.run(config, "train")
+    per_token = bytes_per_answer_token(StageOutput(**teacher.output_args(config, "train")), teacher_report.shards)
+
+    bare_rate = len(images) / bare_s
+    stage_rate = report.records / stage_s
+    print(f"model: {config.model.path}; {len(images)} images; {args.actors} actor(s) on {args.actors} CPU(s)")
+    print("| measure | value |\n|---|---|")
+    print(f"| bare in-process loop (model loaded once, {bare_load_s:.1f} s load not counted) | {bare_rate:.1f} images/s |")
+    print(f"| extract stage (actor start-up, shard writes and validation included) | {stage_rate:.1f} images/s |")
+    print(f"| stage / bare | {stage_rate / bare_rate:.2f} |")
+    print(f"| no-op re-run of the finished stage | {noop_s:.2f} s |")
+    print(f"| teacher cache at k = {args.top_k} | {per_token:.0f} bytes per answer token |")
+
+
 def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (figures recorded in the README)")
     which = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -84,3 +138,14 @@ def register(subparsers) -> None:
     p.add_argument("--compress-dim", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.set_defaults(func=bench_reducer)
+
+    p = which.add_parser("extract", help="extract-stage throughput vs a bare loop, no-op re-run, teacher cache size")
+    p.add_argument("--model", default="infra/reference/llava", help="model directory (default: the reference LLaVA)")
+    p.add_argument("--dialogues", help="dialogues.jsonl (default: freshly generated MT-Shapes)")
+    p.add_argument("--count", type=int, default=256, help="MT-Shapes dialogues to generate")
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--per-shard", type=int, default=32)
+    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--work-dir", help="where data and outputs go (default: a new temporary directory)")
+    p.set_defaults(func=bench_extract)

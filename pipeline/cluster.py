@@ -16,7 +16,8 @@ def init_ray(config: PipelineConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        # "local": always a new embedded cluster, never one that happens to run on this machine.
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def gpus_per_actor() -> float:

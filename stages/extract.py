@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.config import PipelineConfig
 from pipeline.shards import StageOutput
-from stages.common import StageReport, file_sha256, model_identity, run_sharded, shard_ranges
+from stages.common import StageReport, model_actor, file_sha256, model_identity, run_sharded, shard_ranges
 
 STAGE = "extract"
 
@@ -101,8 +101,6 @@ def split_limit(config: PipelineConfig, split: str) -> int | None:
 
 
 def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> StageReport:
-    import ray
-
     from pipeline.cluster import device_for, gpus_per_actor
 
     records, bad = load_split(config, split, split_limit(config, split))
@@ -113,7 +111,7 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
         out.record_error(record_id, reason)
     ranges = shard_ranges(len(records), config.shards.dialogues_per_shard)
     gpus = gpus_per_actor()
-    actor_cls = ray.remote(num_gpus=gpus, num_cpus=1)(FeatureExtractor)
+    actor_cls = model_actor(FeatureExtractor, gpus)
     slim = [{"dialogue_id": r["dialogue_id"], "image": r["image"]} for r in records]
     return run_sharded(
         out, len(ranges), len(records) + len(bad),

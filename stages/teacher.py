@@ -11,7 +11,7 @@ from __future__ import annotations
 from pipeline.config import PipelineConfig
 from pipeline.shards import StageOutput
 from stages import extract
-from stages.common import StageReport, model_identity, run_sharded, shard_ranges
+from stages.common import StageReport, model_actor, model_identity, run_sharded, shard_ranges
 
 STAGE = "teacher"
 
@@ -122,8 +122,6 @@ class TeacherWorker:
 
 
 def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> StageReport:
-    import ray
-
     from pipeline.cluster import device_for, gpus_per_actor
     from pipeline.shards import read_completed
 
@@ -145,7 +143,7 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     gpus = gpus_per_actor()
     teacher = {"top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
                "batch_size": config.evaluate.batch_size}
-    actor_cls = ray.remote(num_gpus=gpus, num_cpus=1)(TeacherWorker)
+    actor_cls = model_actor(TeacherWorker, gpus)
     return run_sharded(
         out, len(ranges), len(records),
         make_actor=lambda: actor_cls.remote(config.model.path, config.model.dtype, device_for(gpus), teacher,

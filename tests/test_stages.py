@@ -10,28 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import save_tiny
+from tests.workspace import make_config, make_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from pipeline.datasets.mt_shapes import MTShapesConfig, generate
-
-    root = tmp_path_factory.mktemp("stages")
-    generate(root / "data", total=30, seed=0, cfg=MTShapesConfig(image_size=32), val=0, test=10)
-    save_tiny(root / "model", "llava", num_layers=2)
-    return root
-
-
-def make_config(root: Path, work: str = "work", per_shard: int = 4, **teacher):
-    from pipeline.config import config_from_dict, resolve_paths
-
-    data = {"work_dir": str(root / work), "model": {"path": str(root / "model")},
-            "data": {"train": str(root / "data/train/dialogues.jsonl"), "test": str(root / "data/test/dialogues.jsonl"),
-                     "val": str(root / "data/test/dialogues.jsonl")},
-            "shards": {"dialogues_per_shard": per_shard}, "teacher": {"top_k": 8, "max_new_tokens": 3, **teacher},
-            "evaluate": {"batch_size": 3}}
-    return resolve_paths(config_from_dict(data), root)
+    return make_workspace(tmp_path_factory.mktemp("stages"))
 
 
 def shard_bytes(uri: str) -> dict[str, bytes]:
@@ -168,17 +152,21 @@ def test_driver_killed_mid_stage_then_rerun_matches_uninterrupted(workspace, ray
     config = make_config(workspace, work="work_kill", per_shard=2)
     config_file = workspace / "kill.yaml"
     config.save(config_file)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # the driver joins the running cluster as a job would; killing it takes its actors down with it
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     out_dir = Path(extract.output_uri(config, "train"))
+    log = open(workspace / "kill.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config_file), "--stages", "extract"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list(out_dir.glob("part-*.parquet")) and time.monotonic() < deadline and driver.poll() is None:
         time.sleep(0.05)
     os.killpg(driver.pid, 9)  # the driver and everything it started
     driver.wait()
+    log.close()
     written = len(list(out_dir.glob("part-*.parquet")))
-    assert 1 <= written < 10, f"the kill came too late to test anything ({written} shards written)"
+    assert 1 <= written < 10, f"the kill came at the wrong time ({written} shards written); driver output:\n" + \
+        (workspace / "kill.log").read_text()[-3000:]
     assert not (out_dir / "_SUCCESS").exists()
     report = extract.run(config, "train", progress=False)
     assert report.computed == 10 - written

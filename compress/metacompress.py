@@ -85,13 +85,24 @@ class MetaCompress(nn.Module):
         self.w_query = nn.Parameter(w.clone())
         self.w_key = nn.Parameter(w.clone())
         self.omega = nn.Parameter(torch.ones(compress_dim))
+        self._position_memo: dict = {}
 
     @property
     def compress_dim(self) -> int:
         return self.w_key.shape[1]
 
     def position_embeddings(self, layout: Layout) -> torch.Tensor:
-        """(n, d): the reference table interpolated to each segment's grid, the layout vector at newlines."""
+        """(n, d): the reference table interpolated to each segment's grid, the layout vector at newlines.
+        Without gradients the result is memoised per layout until the parameters change (inference reuses it)."""
+        if torch.is_grad_enabled():
+            return self._position_embeddings(layout)
+        key = (layout, self.position_table._version, self.layout_token._version, self.position_table.device,
+               self.position_table.dtype)
+        if self._position_memo.get("key") != key:
+            self._position_memo = {"key": key, "value": self._position_embeddings(layout)}
+        return self._position_memo["value"]
+
+    def _position_embeddings(self, layout: Layout) -> torch.Tensor:
         d = self.position_table.shape[0]
         emb = self.position_table.new_zeros(layout.num_tokens, d)
         for seg in layout.segments:

@@ -141,3 +141,16 @@ def test_bad_num_keep_and_layout_are_errors():
         module(torch.randn(5, 4), 6)
     with pytest.raises(ValueError, match="layout"):
         module(torch.randn(5, 4), 2, Layout.grid(2, 2))
+
+
+def test_memoised_position_embeddings_follow_parameter_updates():
+    torch.manual_seed(3)
+    module = MetaCompress(8, compress_dim=4, reference_grid=(3, 3))
+    layout = Layout.grid(4, 4)
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        module(x, 5, layout)  # fills the memo
+        module.position_table.add_(torch.randn_like(module.position_table))
+        memo_path = module(x, 5, layout).matrix
+    fresh = module(x, 5, layout).matrix.detach()  # with gradients: no memo
+    torch.testing.assert_close(memo_path, fresh)

@@ -149,3 +149,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--work-dir", help="where data and outputs go (default: a new temporary directory)")
     p.set_defaults(func=bench_extract)
+
+    from pipeline.bench_efficiency import register as register_efficiency
+
+    register_efficiency(which)

@@ -39,7 +39,8 @@ def topk_kl(student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor, t
 
 def entropy_loss(p: torch.Tensor, row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean row entropy of P (..., m, n), rows being distributions; row_mask (..., m) excludes padded rows."""
-    h = -(torch.special.xlogy(p, p)).sum(-1)
+    # clamp, not xlogy: xlogy's gradient is 0/0 where a sharp row has exact zeros
+    h = -(p * p.clamp_min(1e-30).log()).sum(-1)
     if row_mask is None:
         return h.mean()
     row_mask = row_mask.to(h.dtype)

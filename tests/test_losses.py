@@ -67,3 +67,11 @@ def test_entropy_and_collapse_on_hand_made_matrices():
     mask = torch.tensor([[True, True, True], [True, False, False]])
     mixed = torch.stack([uniform, one_hot])
     assert entropy_loss(mixed, mask).item() == pytest.approx(3 * math.log(4) / 4)
+
+
+def test_entropy_gradient_is_finite_on_rows_with_exact_zeros():
+    raw = torch.tensor([[200.0, 0.0, -200.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    p = raw.softmax(-1)
+    assert (p == 0).any()
+    entropy_loss(p).backward()
+    assert torch.isfinite(raw.grad).all()

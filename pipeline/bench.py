@@ -151,5 +151,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=bench_extract)
 
     from pipeline.bench_efficiency import register as register_efficiency
+    from pipeline.bench_train import register_bench as register_train
 
     register_efficiency(which)
+    register_train(which)

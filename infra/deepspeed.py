@@ -1,0 +1,105 @@
+"""DeepSpeed for the compressor: the engine config built from ``TrainConfig`` and an engine that compiles nothing.
+
+Why a client optimizer: DeepSpeed's own ``"optimizer"`` section maps AdamW to FusedAdam/CPUAdam, C++ ops that are
+JIT-compiled for one to two minutes on first use (notes/platform.md section 3). A ``torch.optim`` optimizer passed to
+``deepspeed.initialize`` with ``zero_allow_untested_optimizer`` compiles nothing, under every ZeRO stage.
+Only the compressor's parameters reach the optimizer: the frozen LVLM gets no fp32 master copy and no state, and
+under ZeRO-3 its (16-bit) weights are partitioned across the workers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.config import TrainConfig
+
+
+def micro_batch_size(train: "TrainConfig", world_size: int) -> int:
+    """Dialogues per worker per step: ``train.batch_size`` is the global batch, split evenly over the workers."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if train.batch_size % world_size:
+        raise ValueError(f"train.batch_size = {train.batch_size} does not split evenly over train.num_workers = "
+                         f"{world_size} workers; make the batch size a multiple of the number of workers")
+    return train.batch_size // world_size
+
+
+def ds_config(train: "TrainConfig", world_size: int, on_gpu: bool, persist_numel: int = 10_000) -> dict:
+    """The DeepSpeed config dict: ZeRO ``train.zero_stage``, bf16 on GPUs / fp32 on CPU, ``train.grad_clip``.
+
+    No ``optimizer`` / ``scheduler`` sections (see the module doc); ``train_batch_size`` is the global batch.
+    ZeRO-3 keeps every parameter with fewer than ``persist_numel`` elements whole on each worker.
+    """
+    micro = micro_batch_size(train, world_size)
+    zero: dict = {"stage": int(train.zero_stage)}
+    if train.zero_stage == 3:
+        zero.update({"stage3_param_persistence_threshold": int(persist_numel),
+                     "stage3_gather_16bit_weights_on_model_save": False})
+    if train.zero_stage in (1, 2):
+        zero.update({"contiguous_gradients": True, "overlap_comm": False})
+    config = {
+        "train_batch_size": micro * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(train.grad_clip),
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bool(on_gpu)},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10 ** 9,  # progress goes to MLflow, not the log
+        "wall_clock_breakdown": False,
+    }
+    return config
+
+
+def make_optimizer(params, train: "TrainConfig") -> "torch.optim.Optimizer":
+    """The client optimizer: SGD (the paper's, no momentum) or AdamW, both plain ``torch.optim``."""
+    import torch
+
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters were given to the optimizer")
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr)
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
+    raise ValueError(f"train.optimizer = {train.optimizer!r}; use 'sgd' or 'adamw'")
+
+
+def initialize(module: "torch.nn.Module", train: "TrainConfig", world_size: int, on_gpu: bool,
+               persist_numel: int = 10_000):
+    """Wrap ``module`` in a DeepSpeed engine whose optimizer sees only its trainable parameters.
+
+    Expects a process group (Ray Train initialises gloo/nccl) or the RANK/WORLD_SIZE/MASTER_* variables.
+    ``persist_numel``: under ZeRO-3, tensors smaller than this stay whole on every worker (no gather per use).
+    Returns the engine; ``engine.optimizer`` is DeepSpeed's ZeRO wrapper around the client optimizer.
+    """
+    import deepspeed
+
+    from pipeline.env import disable_deepspeed_shm_build
+
+    disable_deepspeed_shm_build()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable,
+                                           optimizer=make_optimizer(trainable, train),
+                                           config=ds_config(train, world_size, on_gpu, persist_numel))
+    return engine
+
+
+def full_fp32_state(module: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+    """The full fp32 tensors of ``module``'s trainable parameters (a submodule of the engine's), on the CPU.
+
+    A collective under ZeRO (every rank must call it, in the same order): the master copies are partitioned
+    (ZeRO-1/2 optimizer state, ZeRO-3 parameters). Without ZeRO the parameters themselves are returned.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # None when no optimizer keeps a master copy (fp32, no ZeRO)
+        state[name] = (param.detach() if full is None else full).float().cpu().clone()
+    return state

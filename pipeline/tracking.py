@@ -1,0 +1,164 @@
+"""MLflow tracking (DESIGN 6): one parent run per pipeline invocation, a nested run per stage, the compressor as a
+registered model.
+
+Store: ``tracking.uri`` when set (``http://head:5000`` on a cluster, or any MLflow URI); otherwise a SQLite file
+``<work_dir>/mlflow.db`` with artifacts under ``<work_dir>/mlartifacts`` (a ``file://`` location given explicitly:
+without one MLflow writes ``./mlruns`` into the current directory). Only the driver creates the store (concurrent
+first use of a SQLite store races on its schema migration); workers log to an existing run by id.
+
+The compressor is logged as a pyfunc "model from code" (``pipeline/mlflow_model.py``) whose artifact is the
+``save_pretrained`` directory: loading it runs that file and reads safetensors, never unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.config import PipelineConfig
+
+CANDIDATE = "candidate"
+MODEL_FILE = Path(__file__).with_name("mlflow_model.py")
+
+
+def tracking_uri(config: PipelineConfig) -> str:
+    return config.tracking.uri or f"sqlite:///{Path(config.work_dir).resolve()}/mlflow.db"
+
+
+def artifact_root(config: PipelineConfig) -> str | None:
+    """``file://<work_dir>/mlartifacts`` unless the tracking server manages artifacts itself (http)."""
+    if tracking_uri(config).startswith(("http://", "https://", "databricks")):
+        return None
+    return (Path(config.work_dir).resolve() / "mlartifacts").as_uri()
+
+
+def setup(config: PipelineConfig) -> str:
+    """Point MLflow at the config's store and experiment (created when missing) -> experiment id."""
+    import mlflow
+
+    from pipeline.env import apply_defaults
+
+    apply_defaults()
+    uri = tracking_uri(config)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = config.tracking.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        root = artifact_root(config)
+        experiment_id = mlflow.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config dict -> {"train.lr": "0.001", ...} (MLflow params are flat strings, at most 6000 chars)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+@contextlib.contextmanager
+def pipeline_run(config: PipelineConfig, name: str | None = None) -> Iterator:
+    """The parent run of one pipeline invocation (params: the resolved config)."""
+    import mlflow
+
+    setup(config)
+    with mlflow.start_run(run_name=name or time.strftime("pipeline-%Y%m%d-%H%M%S")) as run:
+        mlflow.log_params(flatten(config.to_dict()))
+        mlflow.set_tag("work_dir", config.work_dir)
+        yield run
+
+
+@contextlib.contextmanager
+def stage_run(config: PipelineConfig, stage: str, params: dict | None = None) -> Iterator:
+    """A run for one stage, nested under the active run (the pipeline's) when there is one."""
+    import mlflow
+
+    setup(config)
+    with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None) as run:
+        mlflow.set_tag("stage", stage)
+        if params:
+            mlflow.log_params(params)
+        yield run
+
+
+@contextlib.contextmanager
+def nested_run(name: str, params: dict | None = None) -> Iterator:
+    """A child of the active run (e.g. one rate of the train stage); the store must be set up already."""
+    import mlflow
+
+    with mlflow.start_run(run_name=name, nested=mlflow.active_run() is not None) as run:
+        if params:
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+        yield run
+
+
+def log_compressor(directory: str | Path, config: PipelineConfig, tags: dict | None = None):
+    """Log a ``MetaCompress.save_pretrained`` directory as a code-based pyfunc model in the active run (or none),
+    register it under ``tracking.registered_model`` and point the alias ``candidate`` at it -> ModelVersion."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    from compress.metacompress import MetaCompress
+
+    directory = Path(directory)
+    module = MetaCompress.from_pretrained(directory)  # validates the directory before anything is logged
+    setup(config)
+    d = module.config["hidden_size"]
+    example = np.zeros((4, d), dtype=np.float32)
+    signature = infer_signature(example, np.zeros((2, d), dtype=np.float32),
+                                params={"rate": 0.0, "num_keep": 0, "layout": ""})
+    info = mlflow.pyfunc.log_model(
+        name="compressor", python_model=str(MODEL_FILE), artifacts={"compressor": str(directory)},
+        signature=signature, pip_requirements=["torch", "safetensors", "numpy"])  # no slow inference run
+    name = config.tracking.registered_model
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    client = MlflowClient()
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    return client.get_model_version(name, version.version)
+
+
+def load_compressor(ref: str | Path, map_location: str = "cpu"):
+    """A MetaCompress from a ``save_pretrained`` directory, a downloaded MLflow model directory, or an MLflow URI
+    (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/...``): only safetensors are read.
+
+    For URIs the tracking/registry URI must be set (``setup(config)``, ``MLFLOW_TRACKING_URI``)."""
+    import tempfile
+
+    from compress.metacompress import MetaCompress
+
+    ref = str(ref)
+    if "://" not in ref and not ref.startswith("models:/"):
+        return MetaCompress.from_pretrained(_find_weights(Path(ref), ref), map_location)
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp))
+        return MetaCompress.from_pretrained(_find_weights(local, ref), map_location)
+
+
+def _find_weights(root: Path, ref: str) -> Path:
+    from compress.metacompress import CONFIG_NAME, WEIGHTS_NAME
+
+    if (root / CONFIG_NAME).is_file() and (root / WEIGHTS_NAME).is_file():
+        return root
+    found = sorted(p.parent for p in root.rglob(WEIGHTS_NAME) if (p.parent / CONFIG_NAME).is_file())
+    if len(found) != 1:
+        raise FileNotFoundError(f"{ref}: expected one MetaCompress directory ({CONFIG_NAME} + {WEIGHTS_NAME}) "
+                                f"under {root}, found {len(found)}; pass a save_pretrained directory or a model "
+                                "logged by pipeline.tracking.log_compressor")
+    return found[0]

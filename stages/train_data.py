@@ -1,0 +1,183 @@
+"""Training data for the compressor: which dialogues a worker takes at each step, and the examples themselves.
+
+Workers own whole shards (shard ``i`` goes to worker ``i % world``), so each reads only its own part of the cache.
+Epoch ``e`` of worker ``r`` visits its shards in a permuted order and each shard's rows in a permuted order, both
+drawn from ``numpy.random.default_rng([seed, e, r])``: the order is a pure function of (seed, epoch, rank), so a
+resumed run finds its data position from the step counter alone. Every worker makes the same number of steps per
+epoch (the smallest worker's rows // micro batch; the rest of an epoch is dropped), which keeps the collectives of
+DeepSpeed in step.
+
+Two sources give the same :class:`Example`: ``CachedSource`` reads the extract + teacher shards; ``OnlineSource``
+runs the vision tower and the teacher (greedy multi-turn generation + top-k targets) on the fly (paper Algorithm 1).
+The online targets are rounded to the cache's storage types (features to ``extract.storage_dtype``, log-probs to
+float16), so switching modes never changes what the compressor is trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from compress.layout import Layout
+
+Key = tuple[int, int]  # (shard, row)
+
+
+@dataclass
+class Example:
+    """One dialogue: ``features`` X_IMG (n, d) as stored; ``answer_ids[t]`` the teacher's answer ids of turn t;
+    ``topk_logprobs`` (A, k) float32, ``topk_ids`` (A, k) int64, ``tail_logmass`` (A,) float32 over the A answer
+    tokens of all turns, in order."""
+
+    dialogue_id: str
+    features: torch.Tensor
+    layout: Layout
+    questions: list[str]
+    answer_ids: list[list[int]]
+    topk_logprobs: torch.Tensor
+    topk_ids: torch.Tensor
+    tail_logmass: torch.Tensor
+
+
+def rank_shards(num_shards: int, rank: int, world: int) -> list[int]:
+    return list(range(rank, num_shards, world))
+
+
+def steps_per_epoch(shard_rows: list[int], world: int, micro: int) -> int:
+    """Steps every worker makes per epoch; raises naming the worker that gets fewer rows than one micro batch."""
+    per_rank = [sum(shard_rows[i] for i in rank_shards(len(shard_rows), r, world)) for r in range(world)]
+    steps = min(per_rank) // micro
+    if steps == 0:
+        worst = int(np.argmin(per_rank))
+        raise ValueError(f"train: worker {worst} of {world} gets {per_rank[worst]} dialogues ({len(shard_rows)} "
+                         f"shards in all), fewer than one micro batch of {micro}; use fewer train.num_workers, a "
+                         "smaller train.batch_size or smaller shards.dialogues_per_shard")
+    return steps
+
+
+def epoch_order(shard_rows: list[int], seed: int, epoch: int, rank: int, world: int) -> list[Key]:
+    """The (shard, row) keys worker ``rank`` visits in ``epoch`` (see the module doc)."""
+    rng = np.random.default_rng([seed, epoch, rank])
+    mine = rank_shards(len(shard_rows), rank, world)
+    order: list[Key] = []
+    for s in rng.permutation(len(mine)):
+        shard = mine[int(s)]
+        order += [(shard, int(r)) for r in rng.permutation(shard_rows[shard])]
+    return order
+
+
+def batch_keys(shard_rows: list[int], seed: int, step: int, rank: int, world: int, micro: int,
+               per_epoch: int) -> list[Key]:
+    """The micro batch of worker ``rank`` at global step ``step`` (0-based)."""
+    epoch, position = divmod(step, per_epoch)
+    return epoch_order(shard_rows, seed, epoch, rank, world)[position * micro:(position + 1) * micro]
+
+
+def features_tensor(array: np.ndarray) -> torch.Tensor:
+    """A stored feature array (float16, or uint16 bits of bfloat16) -> a torch tensor of the stored dtype."""
+    from pipeline.shards import bf16_to_torch
+
+    return bf16_to_torch(array) if array.dtype == np.uint16 else torch.from_numpy(np.array(array))
+
+
+class CachedSource:
+    """Examples from feature + teacher shards. ``questions``: dialogue_id -> questions (from the dialogue file:
+    the shards hold no text). Keeps the last two shards in memory (a batch can straddle shards)."""
+
+    def __init__(self, feature_args: dict, teacher_args: dict, questions: dict[str, list[str]]):
+        from pipeline.shards import StageOutput
+
+        self.features = StageOutput(**feature_args)
+        self.teacher = StageOutput(**teacher_args)
+        self.questions = questions
+        self._cache: OrderedDict[int, list[Example]] = OrderedDict()
+
+    def _load(self, shard: int) -> list[Example]:
+        feats, targets = self.features.read_records(shard), self.teacher.read_records(shard)
+        if [r["dialogue_id"] for r in feats] != [r["dialogue_id"] for r in targets]:
+            raise ValueError(f"{self.features.shard_uri(shard)} and {self.teacher.shard_uri(shard)} do not hold the "
+                             "same dialogues in the same order; re-run the teacher stage on these features")
+        out = []
+        for f, t in zip(feats, targets):
+            did = f["dialogue_id"]
+            if did not in self.questions:
+                raise KeyError(f"dialogue {did!r} of {self.features.shard_uri(shard)} is not in the dialogue file; "
+                               "the cache was built from another dataset: re-run extract and teacher")
+            out.append(Example(
+                did, features_tensor(f["features"]), Layout.from_dict(json.loads(f["layout"])), self.questions[did],
+                [[int(i) for i in a] for a in t["answer_ids"]],
+                _cat([np.asarray(x, dtype=np.float32) for x in t["topk_logprobs"]], np.float32),
+                _cat([np.asarray(x, dtype=np.int64) for x in t["topk_ids"]], np.int64),
+                _cat([np.asarray(x, dtype=np.float32) for x in t["tail_logmass"]], np.float32)))
+        return out
+
+    def examples(self, keys: list[Key]) -> list[Example]:
+        needed = list(dict.fromkeys(s for s, _ in keys))
+        for shard in needed:
+            if shard not in self._cache:
+                self._cache[shard] = self._load(shard)
+            self._cache.move_to_end(shard)
+        batch = [self._cache[s][r] for s, r in keys]
+        while len(self._cache) > max(2, len(needed)):
+            self._cache.popitem(last=False)
+        return batch
+
+
+def _cat(parts: list[np.ndarray], dtype) -> torch.Tensor:
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return torch.from_numpy(np.zeros((0,), dtype=dtype))
+    return torch.from_numpy(np.concatenate(parts))
+
+
+class OnlineSource:
+    """Examples computed at each step from the images (paper Algorithm 1). ``shards[i]``: the dialogue records
+    (dialogue_id, image, questions) of shard i, cut exactly as the extract stage cuts the split."""
+
+    def __init__(self, adapter, shards: list[list[dict]], top_k: int, max_new_tokens: int, storage_dtype: str):
+        self.adapter, self.shards = adapter, shards
+        self.top_k, self.max_new_tokens = top_k, max_new_tokens
+        self.storage = getattr(torch, storage_dtype)
+
+    def examples(self, keys: list[Key]) -> list[Example]:
+        records = [self.shards[s][r] for s, r in keys]
+        return online_examples(self.adapter, records, self.top_k, self.max_new_tokens, self.storage)
+
+
+@torch.no_grad()
+def online_examples(adapter, records: list[dict], top_k: int, max_new_tokens: int,
+                    storage: torch.dtype) -> list[Example]:
+    """Vision tower + full-token teacher for ``records`` (dialogue_id, image, questions): the teacher's greedy
+    answers (its own history) and its top-k targets at every answer token, as the teacher stage caches them."""
+    from compress.lvlm.base import EncodedImage
+    from compress.lvlm.session import BatchChatSession, answer_logits_batch
+    from stages.teacher import topk_targets
+
+    ad = adapter
+    encoded = []
+    for rec in records:
+        enc = ad.encode(rec["image"])
+        tokens = enc.tokens.to(storage).to(ad.device, ad.dtype)  # what the cache would hold
+        encoded.append(EncodedImage(tokens, enc.layout, None, enc.image_size))
+    out: list[Example | None] = [None] * len(records)
+    groups: dict[int, list[int]] = {}
+    for j, rec in enumerate(records):  # dialogues with the same number of turns are generated together
+        groups.setdefault(len(rec["questions"]), []).append(j)
+    for turns, group in groups.items():
+        session = BatchChatSession(ad, "full", max_new_tokens=max_new_tokens, history="model")
+        session.set_images([encoded[j] for j in group])
+        answers: list[list[list[int]]] = [[] for _ in group]
+        for t in range(turns):
+            for b, result in enumerate(session.ask([records[j]["questions"][t] for j in group])):
+                answers[b].append(result.answer_ids)
+        forced = answer_logits_batch(ad, [encoded[j].tokens for j in group],
+                                     [records[j]["questions"] for j in group], answers)
+        for j, ans, fo in zip(group, answers, forced):
+            top, ids, tail = topk_targets(fo.logits, top_k)
+            out[j] = Example(records[j]["dialogue_id"], encoded[j].tokens.to(storage).cpu(), encoded[j].layout,
+                             list(records[j]["questions"]), ans, top.half().float(), ids.long(), tail.float())
+    return out  # type: ignore[return-value]

@@ -1,0 +1,251 @@
+"""The train stage for real: Ray Train + DeepSpeed (gloo, CPU) on a tiny LLaVA and cached MT-Shapes targets."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import save_tiny
+
+RATE = 0.75
+
+
+def build_cache(config, split: str) -> None:
+    """extract + teacher for ``split`` in this process (the stages' own workers, without actor start-up)."""
+    from pipeline.shards import StageOutput, read_completed
+    from stages import extract, teacher
+    from stages.common import shard_ranges
+
+    records, _ = extract.load_split(config, split, None)
+    ranges = shard_ranges(len(records), config.shards.dialogues_per_shard)
+    f_args = extract.output_args(config, split)
+    StageOutput(**f_args).prepare(config.to_dict())
+    worker = extract.FeatureExtractor(config.model.path, config.model.dtype, "cpu", f_args)
+    for i, (a, b) in enumerate(ranges):
+        worker.run_shard(i, [{"dialogue_id": r["dialogue_id"], "image": r["image"]} for r in records[a:b]])
+    StageOutput(**f_args).finish(len(ranges))
+    manifest = read_completed(f_args["uri"])
+    t_args = teacher.output_args(config, split)
+    StageOutput(**t_args).prepare(config.to_dict())
+    tw = teacher.TeacherWorker(config.model.path, config.model.dtype, "cpu",
+                               {"top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
+                                "batch_size": config.evaluate.batch_size}, t_args,
+                               dict(uri=f_args["uri"], stage=extract.STAGE, config_hash=manifest["config_hash"],
+                                    input_hash=manifest["input_hash"], fmt=config.shards.format))
+    for i, (a, b) in enumerate(ranges):
+        tw.run_shard(i, records[a:b])
+    StageOutput(**t_args).finish(len(ranges))
+
+
+def make_config(root: Path, work: str, **train):
+    from pipeline.config import config_from_dict, resolve_paths
+
+    data = {"work_dir": str(root / work), "model": {"path": str(root / "model")},
+            "data": {"train": str(root / "data/train/dialogues.jsonl"), "test": str(root / "data/test/dialogues.jsonl"),
+                     "val": str(root / "data/test/dialogues.jsonl")},
+            "shards": {"dialogues_per_shard": 4}, "teacher": {"top_k": 8, "max_new_tokens": 3},
+            "evaluate": {"batch_size": 4},
+            "train": {"rates": [RATE], "compress_dim": 16, "optimizer": "adamw", "lr": 0.003, "grad_clip": 1.0,
+                      "epochs": 2, "batch_size": 4, "num_workers": 2, "checkpoint_every": 2, "zero_stage": 2,
+                      **train}}
+    return resolve_paths(config_from_dict(data), root)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from pipeline.datasets.mt_shapes import MTShapesConfig, generate
+
+    root = tmp_path_factory.mktemp("train")
+    generate(root / "data", total=24, seed=0, cfg=MTShapesConfig(image_size=32), val=0, test=8, progress=False)
+    save_tiny(root / "model", "llava", num_layers=2)
+    config = make_config(root, "base")
+    build_cache(config, "train")  # 16 dialogues, 4 shards: 8 per worker, 2 steps per epoch at micro batch 2
+    build_cache(config, "test")
+    return root
+
+
+def fresh_work(root: Path, work: str, **train):
+    """A new work_dir holding copies of the base caches (so runs never see each other's checkpoints)."""
+    config = make_config(root, work, **train)
+    for stage in ("extract", "teacher"):
+        shutil.copytree(root / "base" / stage, Path(config.work_dir) / stage)
+    return config
+
+
+def objective(config, directory=None) -> float:
+    """The training objective over every training dialogue, computed here without DeepSpeed or Ray: with the
+    trained compressor from ``directory``, or with the seeded initial one."""
+    import torch
+
+    from compress.lvlm import load_adapter
+    from compress.metacompress import MetaCompress
+    from stages.train import build_student, make_plan
+    from stages.train_data import CachedSource
+
+    adapter = load_adapter(config.model.path)
+    student = build_student(adapter, config.train, config.train.seed)
+    if directory is not None:
+        student.compressor.load_state_dict(MetaCompress.from_pretrained(directory).state_dict())
+    plan = make_plan(config, "train")
+    source = CachedSource(plan["feature_args"], plan["teacher_args"], plan["questions"])
+    keys = [(s, r) for s, rows in enumerate(plan["shard_rows"]) for r in range(rows)]
+    with torch.no_grad():
+        return float(student(source.examples(keys), RATE)["loss"])
+
+
+def load_state(directory):
+    from compress.metacompress import MetaCompress
+
+    return MetaCompress.from_pretrained(directory).state_dict()
+
+
+@pytest.fixture(scope="module")
+def zero2_run(workspace, ray_local):
+    from stages import train
+
+    config = fresh_work(workspace, "zero2")
+    report = train.run(config, progress=False)
+    return config, report
+
+
+def test_zero2_two_workers_learn_identically_and_track(zero2_run):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+    from stages import train
+
+    config, report = zero2_run
+    result = report.results[RATE]
+    assert result["step"] == result["total_steps"] == 8  # 16 dialogues / batch 4, 2 epochs
+    assert result["replica_max_abs_diff"] == 0.0 and result["frozen_params_partitioned"] == 0
+    directory = train.compressor_dir(config, RATE)
+    assert objective(config, directory) < objective(config) - 1e-3
+    assert 0 < result["heldout_kl"] and result["heldout_dialogues"] == 8
+    # per-step terms reach MLflow from rank 0; the model is registered with the alias
+    tracking.setup(config)
+    client = MlflowClient()
+    runs = mlflow.search_runs(filter_string=f"tags.mlflow.runName = 'train/rate-{RATE}'", output_format="list")
+    assert len(runs) == 1
+    for key in ("loss", "kl", "entropy", "collapse", "lr", "dialogues_per_second"):
+        assert [m.step for m in client.get_metric_history(runs[0].info.run_id, key)] == list(range(1, 9))
+    version = client.get_model_version_by_alias(config.tracking.registered_model, "candidate")
+    assert int(version.version) == result["model_version"]
+    # the registered model is the trained module: same weights, same reduction of cached features
+    import torch
+
+    from compress.metacompress import MetaCompress
+    from stages.train import make_plan
+    from stages.train_data import CachedSource
+
+    registered = tracking.load_compressor(f"models:/{config.tracking.registered_model}@candidate")
+    trained = MetaCompress.from_pretrained(directory)
+    plan = make_plan(config, "test")
+    example = CachedSource(plan["feature_args"], plan["teacher_args"], plan["questions"]).examples([(0, 0)])[0]
+    x = example.features.float()
+    got, want = registered(x, 16, example.layout), trained(x, 16, example.layout)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.matrix, want.matrix)
+    again = train.run(config, progress=False)  # finished: nothing is trained again
+    assert again.computed == 0
+
+
+def test_killed_run_resumes_to_the_same_weights(workspace, zero2_run, monkeypatch):
+    import torch
+
+    from stages import train
+
+    config = fresh_work(workspace, "crash")
+    monkeypatch.setenv(train.CRASH_ENV, "5")  # every worker dies after step 5; the last checkpoint is step 4
+    with pytest.raises(Exception):
+        train.run(config, progress=False)
+    assert not Path(train.compressor_dir(config, RATE)).exists()
+    monkeypatch.delenv(train.CRASH_ENV)
+    resumed = train.run(config, progress=False).results[RATE]
+    assert resumed["step"] == 8
+    expected = load_state(train.compressor_dir(zero2_run[0], RATE))
+    got = load_state(train.compressor_dir(config, RATE))
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_zero3_two_workers_match_zero2(workspace, zero2_run):
+    import torch
+
+    from stages import train
+
+    config = fresh_work(workspace, "zero3", zero_stage=3)
+    result = train.run(config, progress=False).results[RATE]
+    assert result["replica_max_abs_diff"] == 0.0
+    assert result["frozen_params_partitioned"] > 0  # the LLM's matrices really are sharded across the workers
+    directory = train.compressor_dir(config, RATE)
+    assert objective(config, directory) < objective(config) - 1e-3
+    # the same optimisation as ZeRO-2, up to the order of float reductions
+    expected = load_state(train.compressor_dir(zero2_run[0], RATE))
+    for key, value in load_state(directory).items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-5)
+
+
+def test_cached_and_online_teacher_give_the_same_loss(workspace):
+    import torch
+
+    from compress.lvlm import load_adapter
+    from stages.train import build_student, make_plan
+    from stages.train_data import CachedSource, OnlineSource
+
+    config = make_config(workspace, "base")
+    adapter = load_adapter(config.model.path)
+    student = build_student(adapter, config.train, config.train.seed)
+    cached_plan = make_plan(config, "train")
+    config.train.online_teacher = True
+    online_plan = make_plan(config, "train")
+    assert online_plan["shard_rows"] == cached_plan["shard_rows"]
+    keys = [(1, 2), (0, 0), (3, 1)]
+    cached = CachedSource(cached_plan["feature_args"], cached_plan["teacher_args"],
+                          cached_plan["questions"]).examples(keys)
+    online = OnlineSource(adapter, online_plan["shards"], online_plan["top_k"], online_plan["max_new_tokens"],
+                          online_plan["storage_dtype"]).examples(keys)
+    assert [e.dialogue_id for e in cached] == [e.dialogue_id for e in online]
+    assert [e.answer_ids for e in cached] == [e.answer_ids for e in online]
+    a, b = student(cached, RATE), student(online, RATE)
+    assert a["tokens"] == b["tokens"] > 0
+    for term in ("loss", "kl", "entropy", "collapse"):
+        torch.testing.assert_close(a[term], b[term], rtol=1e-4, atol=1e-5)
+    a["loss"].backward()  # and the gradient reaches the compressor through the frozen LLM
+    grads = dict(student.compressor.named_parameters())
+    for name in ("w_query", "w_key", "omega", "position_table"):  # layout_token: LLaVA-1.5 has no newlines
+        assert grads[name].grad is not None and float(grads[name].grad.abs().sum()) > 0, name
+    assert all(p.grad is None for p in student.lvlm.parameters())
+
+
+def test_epoch_order_partitions_the_data_by_shard_and_reshuffles():
+    from stages.train_data import batch_keys, epoch_order, steps_per_epoch
+
+    rows = [4, 4, 3, 4, 2]
+    orders = {(e, r): epoch_order(rows, 7, e, r, 2) for e in (0, 1) for r in (0, 1)}
+    everything = sorted((s, i) for s, n in enumerate(rows) for i in range(n))
+    for e in (0, 1):
+        assert sorted(orders[e, 0] + orders[e, 1]) == everything  # each dialogue once per epoch, one worker
+        assert {s for s, _ in orders[e, 0]} == {0, 2, 4} and {s for s, _ in orders[e, 1]} == {1, 3}
+    assert orders[0, 0] != orders[1, 0]  # a new order each epoch, the same one for the same (seed, epoch, rank)
+    assert orders[0, 0] == epoch_order(rows, 7, 0, 0, 2)
+    per_epoch = steps_per_epoch(rows, 2, 3)  # worker 1 has 8 rows: 2 full micro batches
+    assert per_epoch == 2
+    assert batch_keys(rows, 7, 3, 0, 2, 3, per_epoch) == orders[1, 0][3:6]  # step 3 = epoch 1, second batch
+    with pytest.raises(ValueError, match="worker 1 of 2 gets 8 dialogues"):
+        steps_per_epoch(rows, 2, 9)
+
+
+def test_deepspeed_config():
+    from infra.deepspeed import ds_config
+    from pipeline.config import TrainConfig
+
+    cpu = ds_config(TrainConfig(batch_size=36, zero_stage=3, grad_clip=0.01), world_size=4, on_gpu=False,
+                    persist_numel=512)
+    assert (cpu["train_batch_size"], cpu["train_micro_batch_size_per_gpu"]) == (36, 9)
+    assert cpu["bf16"]["enabled"] is False and cpu["gradient_clipping"] == 0.01
+    assert cpu["zero_optimization"]["stage"] == 3
+    assert cpu["zero_optimization"]["stage3_param_persistence_threshold"] == 512
+    assert "optimizer" not in cpu and cpu["zero_allow_untested_optimizer"]  # client torch optimizer: no JIT op
+    assert ds_config(TrainConfig(zero_stage=2), 1, on_gpu=True)["bf16"]["enabled"] is True
+    with pytest.raises(ValueError, match="multiple of the number of workers"):
+        ds_config(TrainConfig(batch_size=36), world_size=5, on_gpu=False)

@@ -27,12 +27,25 @@ class ModelConfig:
 
 
 @dataclass
+class MTShapesSpec:
+    """Generate MT-Shapes into ``<work_dir>/data/mt-shapes`` (once) and use its splits as data.train/val/test."""
+
+    dialogues: int = 1200  # all splits together
+    val: int = 50
+    test: int = 100
+    seed: int = 0
+    image_size: int = 96
+    random_aspect: bool = False  # several aspect ratios (LLaVA-NeXT)
+
+
+@dataclass
 class DataConfig:
-    train: str = "work/data/mt-shapes/train/dialogues.jsonl"
-    val: str = "work/data/mt-shapes/val/dialogues.jsonl"
-    test: str = "work/data/mt-shapes/test/dialogues.jsonl"
+    train: str = "data/train/dialogues.jsonl"
+    val: str = "data/val/dialogues.jsonl"
+    test: str = "data/test/dialogues.jsonl"
     max_train_dialogues: int | None = None
     max_eval_dialogues: int | None = None
+    mt_shapes: MTShapesSpec | None = None
 
 
 @dataclass
@@ -73,6 +86,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     online_teacher: bool = False
     seed: int = 0
+    max_failures: int = 0  # Ray Train restarts after a worker failure (each resumes from the last checkpoint)
 
 
 @dataclass
@@ -82,6 +96,11 @@ class EvaluateConfig:
     history: Literal["own", "reference"] = "own"
     max_new_tokens: int = 8
     batch_size: int = 8
+    num_actors: int = 1  # model actors evaluating (method, rate, shard) tasks in parallel (one GPU each if any)
+    # True: feature/full/fastv methods start from the extract stage's cached X_IMG (faster; their TTFT then
+    # excludes the vision tower). False: every method starts from the image, so TTFT is comparable across methods.
+    cached_features: bool = False
+    matrix_images: int = 2  # images whose MetaCompress matrix P is plotted (paper figures 6-7)
 
 
 @dataclass
@@ -169,6 +188,12 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         (config.train.lr > 0, "train.lr must be positive"),
         (config.train.batch_size > 0 and config.train.epochs > 0, "train.batch_size and train.epochs must be positive"),
         (config.train.num_workers > 0, "train.num_workers must be positive"),
+        (config.train.checkpoint_every > 0, "train.checkpoint_every must be positive"),
+        (config.train.max_failures >= -1, "train.max_failures must be >= 0 (or -1: retry forever)"),
+        (config.evaluate.num_actors > 0, "evaluate.num_actors must be positive"),
+        (config.evaluate.batch_size > 0 and config.evaluate.max_new_tokens > 0,
+         "evaluate.batch_size and evaluate.max_new_tokens must be positive"),
+        (config.evaluate.matrix_images >= 0, "evaluate.matrix_images must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 
 from pipeline.config import PipelineConfig, load_config
 
@@ -11,7 +12,12 @@ from pipeline.config import PipelineConfig, load_config
 STAGES = {
     "extract": ("stages.extract", ["train", "test"]),
     "teacher": ("stages.teacher", ["train", "test"]),
+    "train": ("stages.train", ["train"]),
+    "evaluate": ("stages.evaluate", ["test"]),
 }
+# Stages that open their own MLflow run (with their own metrics); the others get one here.
+SELF_TRACKED = {"train", "evaluate"}
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "infra" / "configs" / "default.yaml"
 
 
 def parse_stages(text: str | None) -> list[str]:
@@ -34,23 +40,68 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def run_pipeline(config: PipelineConfig, stage_names: list[str], progress: bool = True) -> list:
-    from pathlib import Path
+def prepare_data(config: PipelineConfig) -> None:
+    """Generate MT-Shapes when the config asks for it (once: an existing set is reused)."""
+    spec = config.data.mt_shapes
+    if spec is None:
+        return
+    from pipeline.datasets.mt_shapes import MTShapesConfig, generate
 
+    root = Path(config.work_dir) / "data" / "mt-shapes"
+    if not (root / "mt_shapes.json").is_file():
+        cfg = MTShapesConfig(image_size=spec.image_size, aspect=None if spec.random_aspect else 1.0)
+        generate(root, total=spec.dialogues, seed=spec.seed, cfg=cfg, val=spec.val, test=spec.test)
+    for split in ("train", "val", "test"):
+        setattr(config.data, split, str(root / split / "dialogues.jsonl"))
+
+
+def run_stage(config: PipelineConfig, name: str, split: str, progress: bool):
+    from pipeline import tracking
+
+    module = importlib.import_module(STAGES[name][0])
+    if name in SELF_TRACKED:
+        return module.run(config, split, progress=progress)
+    import mlflow
+
+    with tracking.stage_run(config, f"{name}/{split}"):
+        report = module.run(config, split, progress=progress)
+        mlflow.log_metrics({"shards": report.shards, "computed_shards": report.computed, "records": report.records,
+                            "errors": report.errors, "seconds": report.seconds})
+        mlflow.log_text(Path(report.uri, "_manifest.json").read_text(), f"{name}-{split}-manifest.json")
+    return report
+
+
+def run_pipeline(config: PipelineConfig, stage_names: list[str], progress: bool = True) -> list:
+    from pipeline import tracking
     from pipeline.cluster import init_ray
 
     Path(config.work_dir).mkdir(parents=True, exist_ok=True)
+    prepare_data(config)
     config.save(Path(config.work_dir) / "resolved_config.yaml")
     init_ray(config)
     reports = []
-    for name in stage_names:
-        module_name, splits = STAGES[name]
-        module = importlib.import_module(module_name)
-        for split in splits:
-            report = module.run(config, split, progress=progress)
-            print(report.line(), flush=True)
-            reports.append(report)
+    with tracking.pipeline_run(config):
+        for name in stage_names:
+            for split in STAGES[name][1]:
+                report = run_stage(config, name, split, progress)
+                print(report.line(), flush=True)
+                reports.append(report)
     return reports
+
+
+def print_summary(config: PipelineConfig, reports: list) -> None:
+    from pipeline import tracking
+
+    for report in reports:
+        reports_dir = getattr(report, "reports_dir", None)
+        if reports_dir:
+            print("\n" + Path(reports_dir, "results.md").read_text())
+            print(f"Tables and plots: {reports_dir}")
+    uri = tracking.tracking_uri(config)
+    if uri.startswith("sqlite:"):
+        print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
+    else:
+        print(f"MLflow tracking server: {uri}")
 
 
 def run_command(args) -> int:
@@ -58,8 +109,9 @@ def run_command(args) -> int:
     overrides = parse_overrides(args.set)
     if args.overwrite:
         overrides["shards.overwrite"] = True
-    config = load_config(args.config, overrides)
-    run_pipeline(config, parse_stages(args.stages))
+    config = load_config(args.config or DEFAULT_CONFIG, overrides)
+    reports = run_pipeline(config, parse_stages(args.stages))
+    print_summary(config, reports)
     return 0
 
 

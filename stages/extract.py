@@ -29,8 +29,13 @@ def output_uri(config: PipelineConfig, split: str) -> str:
 
 
 def output_args(config: PipelineConfig, split: str) -> dict:
+    from pipeline.shards import config_hash
+
+    # What goes into which shard depends on the file, how much of it is used and how it is cut.
+    inputs = {"dialogues": file_sha256(getattr(config.data, split)), "limit": split_limit(config, split),
+              "dialogues_per_shard": config.shards.dialogues_per_shard}
     return dict(uri=output_uri(config, split), stage=STAGE, config_hash=stage_hash(config),
-                input_hash=file_sha256(getattr(config.data, split)), fmt=config.shards.format)
+                input_hash=config_hash(inputs), fmt=config.shards.format)
 
 
 def storage_dtype(model_dtype: str) -> str:

@@ -31,8 +31,11 @@ def output_uri(config: PipelineConfig, split: str) -> str:
 def output_args(config: PipelineConfig, split: str) -> dict:
     from pipeline.shards import read_completed
 
+    from pipeline.shards import config_hash
+
+    features = read_completed(extract.output_uri(config, split))
     return dict(uri=output_uri(config, split), stage=STAGE, config_hash=stage_hash(config),
-                input_hash=read_completed(extract.output_uri(config, split))["config_hash"], fmt=config.shards.format)
+                input_hash=config_hash([features["config_hash"], features["input_hash"]]), fmt=config.shards.format)
 
 
 def topk_targets(logits, k: int):

@@ -195,6 +195,19 @@ def test_vision_reducers_get_the_tower_and_the_projector(llava):
     assert result.stats.visual_tokens == 16 and result.stats.reduce_s > 0 and result.stats.vision_s > 0
 
 
+def test_adaptive_prumerge_keeps_the_count_its_iqr_rule_chooses(llava):
+    from compress.baselines.prumerge import prumerge
+    from compress.lvlm.session import ChatSession
+
+    image = random_image(seed=11)
+    session = ChatSession(llava, "prumerge_adaptive", 0.5, max_new_tokens=1)  # the rate is ignored
+    session.set_image(image)
+    result = session.ask(QUESTIONS[0])
+    with torch.no_grad():
+        direct = prumerge(llava.model.model.vision_tower, llava.preprocess(image)["pixel_values"], None)
+    assert result.stats.visual_tokens == int(direct.counts[0]) == session.image_tokens.shape[0]
+
+
 def test_load_adapter_round_trip_and_errors(tmp_path):
     from compress.lvlm import load_adapter
 

@@ -246,7 +246,7 @@ class LVLMAdapter:
         """image (PIL or path) -> X_IMG (n, d) and its layout."""
         return self.features(self.prepare(image))
 
-    def encode_reduced_vision(self, fn, encoded: EncodedImage, num_keep: int, **options) -> torch.Tensor:
+    def encode_reduced_vision(self, fn, encoded: EncodedImage, num_keep: int | None, **options) -> torch.Tensor:
         """Run a vision-tower reducer ``fn`` (see ``compress.baselines.vision``) on the image and project its
         features: -> (m, d) LLM inputs."""
         import inspect

@@ -23,6 +23,7 @@ class Method:
     kind: str
     fn: Callable | None = None
     options: dict = field(default_factory=dict)
+    adaptive: bool = False  # the method chooses its own token count (PruMerge's IQR rule); the rate is ignored
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -49,6 +50,7 @@ def available_methods() -> dict[str, Method]:
 
     out = {name: Method(name, "feature", fn) for name, fn in FEATURE_REDUCERS.items()}
     out.update({name: Method(name, "vision", fn) for name, fn in VISION_REDUCERS.items()})
+    out["prumerge_adaptive"] = Method("prumerge_adaptive", "vision", VISION_REDUCERS["prumerge"], adaptive=True)
     out["metacompress"] = Method("metacompress", "feature")  # fn bound by get_method from the compressor
     out.update(METHODS)
     return out

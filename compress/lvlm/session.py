@@ -68,8 +68,8 @@ def reduce_image(adapter: LVLMAdapter, method: Method, rate: float | None, image
         prepared = adapter.prepare(image)
         t1 = clock(dev)
         with torch.no_grad():
-            tokens = adapter.encode_reduced_vision(method.fn, prepared, budget(prepared.layout.num_tokens, rate),
-                                                   **method.options)
+            count = None if method.adaptive else budget(prepared.layout.num_tokens, rate)
+            tokens = adapter.encode_reduced_vision(method.fn, prepared, count, **method.options)
         return tokens, t1 - t0, clock(dev) - t1, prepared
     encoded = image if cached else adapter.features(adapter.prepare(image))
     t1 = clock(dev)

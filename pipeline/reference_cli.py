@@ -1,0 +1,94 @@
+"""``metacompress reference build``: train a reference LVLM (issue 4, item 5; DESIGN section 7).
+
+    metacompress reference build --family llava|llava_next --out DIR [--dialogues FILE] [--steps N]
+                                 [--device cpu|cuda] [--eval FILE] ...
+
+Without ``--dialogues`` it trains on MT-Shapes: it generates the splits under ``DIR/mt_shapes`` (seeded) unless
+they are there, and scores the test split at the end. The recipe itself is ``infra/reference/recipe.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _build(args: argparse.Namespace) -> int:
+    from infra.reference.recipe import RecipeConfig, build_reference
+
+    out = Path(args.out)
+    if (out / "model.safetensors").exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds a model; choose another --out or pass --overwrite")
+    dialogues, evaluation = args.dialogues, args.eval
+    if dialogues is None:
+        from pipeline.datasets import mt_shapes
+
+        data = out / "mt_shapes"
+        if not (data / "test" / "dialogues.jsonl").is_file():
+            aspect = 1.0 if args.family == "llava" else None  # LLaVA-NeXT gets several aspect ratios
+            cfg = mt_shapes.MTShapesConfig(image_size=96, aspect=aspect)
+            mt_shapes.generate(data, args.mt_shapes_dialogues, args.seed, cfg, val=500, test=500, progress=False)
+        dialogues = data / "train" / "dialogues.jsonl"
+        evaluation = evaluation or data / "test" / "dialogues.jsonl"
+    cfg = RecipeConfig(family=args.family, seed=args.seed, stage2_steps=args.steps, stage1_steps=args.stage1_steps,
+                       stage2_batch=args.batch, stage2_lr=args.lr, max_train=args.max_train,
+                       short_fraction=args.short_fraction, short_tokens=args.short_tokens, text_layers=args.text_layers,
+                       vision_hidden=args.vision_hidden, log_every=args.log_every)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu")
+    summary = build_reference(args.family, out, dialogues, evaluation, cfg, device=args.device,
+                              threads=args.threads, eval_limit=args.eval_limit, eval_every=args.eval_every)
+    import shlex
+    import sys
+
+    from infra.reference.recipe import model_card
+
+    command = "metacompress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    (out / "MODEL_CARD.md").write_text(model_card(summary, command))
+    print(json.dumps({k: summary[k] for k in ("family", "parameters", "train_s") if k in summary}
+                     | {"test": summary.get("test")}, indent=1))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("reference", help="build the reference LVLMs (small LLaVA / LLaVA-NeXT)")
+    sub = p.add_subparsers(dest="reference_command", metavar="ACTION", required=True)
+    b = sub.add_parser("build", help="train a small LLaVA or LLaVA-NeXT from scratch and save it as a HF directory")
+    b.add_argument("--family", choices=["llava", "llava_next"], required=True)
+    b.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, processor)")
+    b.add_argument("--dialogues", help="training dialogues.jsonl (default: MT-Shapes generated under OUT/mt_shapes)")
+    b.add_argument("--eval", help="dialogues.jsonl scored at the end (default with MT-Shapes: its test split)")
+    b.add_argument("--eval-limit", type=int, default=None, help="score only the first N evaluation dialogues")
+    b.add_argument("--eval-every", type=int, default=0, help="score 200 evaluation dialogues every N steps")
+    b.add_argument("--steps", type=int, default=3000, help="stage-2 (dialogue) training steps")
+    b.add_argument("--stage1-steps", type=int, default=400, help="stage-1 (dense vision labels) steps")
+    b.add_argument("--batch", type=int, default=16)
+    b.add_argument("--lr", type=float, default=2e-3)
+    b.add_argument("--short-fraction", type=float, default=0.75,
+                   help="fraction of stage-2 steps with only the object patches + some background (LLaVA)")
+    b.add_argument("--short-tokens", type=int, default=24, help="visual tokens kept in the short-sequence steps")
+    b.add_argument("--text-layers", type=int, default=3)
+    b.add_argument("--vision-hidden", type=int, default=64)
+    b.add_argument("--max-train", type=int, default=None, help="use only the first N training dialogues")
+    b.add_argument("--mt-shapes-dialogues", type=int, default=9000, help="MT-Shapes dialogues to generate")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    b.add_argument("--log-every", type=int, default=50)
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=_build)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="metacompress")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""Reference LVLM recipe (infra/reference): tokenizer and chat template, dense labels, answer-only labels, and a
+small version of the recipe that must learn (its accuracy rises well above the chance level of the answers)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+
+def test_tokenizer_words_template_and_roundtrip(tmp_path):
+    from transformers import AutoTokenizer
+
+    from infra.reference.tokenizer import SPECIAL_TOKENS, build_vocab, make_tokenizer, split_words
+
+    vocab = build_vocab(["What colour is the top left object?", "red", "Is it red?"])
+    assert vocab[:5] == list(SPECIAL_TOKENS)
+    # "?", "is" and "red" appear twice, so they come first among the data words; every word is present once.
+    assert vocab[8:11] == ["?", "is", "red"] and len(vocab) == len(set(vocab))
+    tok = make_tokenizer(vocab)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it red?"}]},
+            {"role": "assistant", "content": "red"}, {"role": "user", "content": "What colour?"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False).input_ids
+    expected = ["<s>", "user", ":", "<image>"] + split_words("Is it red?") + ["assistant", ":", "red", "</s>",
+                                                                              "user", ":"] \
+        + split_words("What colour?") + ["assistant", ":"]
+    assert tok.convert_ids_to_tokens(ids) == expected
+    assert tok("Purple", add_special_tokens=False).input_ids == [tok.unk_token_id]
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text, add_special_tokens=False).input_ids == ids
+    assert again.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == text
+
+
+def test_answer_labels_keep_only_answers():
+    import torch
+
+    from infra.reference.recipe import IGNORE, answer_labels
+    from infra.reference.tokenizer import build_vocab, make_tokenizer
+
+    tok = make_tokenizer(build_vocab(["a b ?", "yes", "no"]))
+    text = "<s>USER: a b ?\nASSISTANT: yes</s>\nUSER: b ?\nASSISTANT: no</s>\n"
+    ids = torch.tensor(tok(text, add_special_tokens=False).input_ids)
+    labels = answer_labels(ids, tok)
+    kept = [tok.convert_ids_to_tokens(int(i)) for i in labels[labels != IGNORE]]
+    assert kept == ["yes", "</s>", "no", "</s>"]
+    assert (labels[labels != IGNORE] == ids[labels != IGNORE]).all()
+
+
+def test_patch_targets_match_generator_labels():
+    """Through the LLaVA image processor with nearest resampling, the dense targets equal the generator's own
+    per-patch labels (pipeline.datasets.mt_shapes.patch_labels), and regions follow the patch's position."""
+    from PIL import Image
+
+    from infra.reference.recipe import RecipeConfig, build_processor, label_image, patch_targets
+    from infra.reference.tokenizer import build_vocab, make_tokenizer
+    from pipeline.datasets import mt_shapes
+
+    cfg = RecipeConfig(family="llava", image_size=96, patch_size=8)
+    proc = build_processor(cfg, make_tokenizer(build_vocab(["x"])))
+    for i in range(3):
+        scene = mt_shapes.sample_scene(np.random.default_rng(i), mt_shapes.MTShapesConfig(), f"s{i}")
+        lab = proc.image_processor(images=[label_image(scene)], return_tensors="np", resample=Image.NEAREST,
+                                   do_rescale=False, do_normalize=False)["pixel_values"]
+        t = patch_targets(np.rint(np.asarray(lab)).astype(np.int64), scene, 8)
+        ref = mt_shapes.patch_labels(scene, 12, 12)
+        for key in ("color", "shape", "size"):
+            assert (t[key].reshape(12, 12) == ref[key]).all(), key
+        assert t["anchor"].sum() == len(scene.objects)
+        assert (t["row"].reshape(12, 12) == np.arange(12)[:, None] // 4).all()
+        assert (t["col"].reshape(12, 12) == np.arange(12)[None, :] // 4).all()
+
+
+def _colour_shape_data(root: Path, n: int, seed: int) -> Path:
+    """One object per 48 px scene; two turns: its colour, then its shape. Scenes sit next to the dialogues so the
+    recipe's stage 1 finds its dense labels."""
+    from pipeline.datasets import mt_shapes
+
+    cfg = mt_shapes.MTShapesConfig(image_size=48, min_objects=1, max_objects=1, noise=3.0)
+    (root / "images").mkdir(parents=True)
+    with open(root / "dialogues.jsonl", "w") as fd, open(root / "scenes.jsonl", "w") as fs:
+        for i in range(n):
+            scene = mt_shapes.sample_scene(np.random.default_rng([seed, i]), cfg, f"d{i}")
+            mt_shapes.render_scene(scene).save(root / "images" / f"d{i}.png")
+            fs.write(json.dumps(scene.to_json()) + "\n")
+            o = scene.objects[0]
+            fd.write(json.dumps({"dialogue_id": f"d{i}", "image": f"images/d{i}.png", "source": "test",
+                                 "turns": [{"question": "What color is the object?", "answers": [o.color]},
+                                           {"question": "What shape is the object?", "answers": [o.shape]}]})
+                     + "\n")
+    return root / "dialogues.jsonl"
+
+
+def test_small_recipe_learns_above_chance(tmp_path):
+    """A tiny LLaVA (48 px images, 36 visual tokens) trained by the two-stage recipe for a few hundred steps
+    answers colour questions far above the majority-answer chance level, measured with the multi-turn evaluation
+    (greedy generate, own answers in the history) on held-out scenes; the saved directory loads back with
+    AutoProcessor / AutoModelForImageTextToText and scores within 5 points of the in-memory model."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from infra.reference.recipe import RecipeConfig, build_reference, evaluate
+    from pipeline.dialogues import load_dialogues
+
+    torch.set_num_threads(2)
+    train = _colour_shape_data(tmp_path / "train", 400, 0)
+    test = _colour_shape_data(tmp_path / "test", 40, 1)
+    cfg = RecipeConfig(image_size=48, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
+                       text_hidden=64, text_layers=2, text_heads=2, text_intermediate=128, stage1_steps=80,
+                       stage1_batch=16, stage1_lr=3e-3, stage2_steps=250, stage2_batch=16, stage2_lr=3e-3,
+                       warmup=20, short_fraction=0.8, short_tokens=4, log_every=25)
+    out = tmp_path / "model"
+    summary = build_reference("llava", out, train, test, cfg, log=print)
+    test_dialogues = load_dialogues(test)
+    answers = Counter(d.turns[0].answers[0] for d in test_dialogues)
+    chance = 100.0 * max(answers.values()) / len(test_dialogues)
+    acc = summary["test"]["Acc_1"]
+    assert acc >= chance + 25.0, (acc, chance, summary["test"])
+
+    processor = AutoProcessor.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    # fp16 weights saved, float32 loaded: the reloaded model still answers (within a few dialogues of the same).
+    reloaded = evaluate(model, processor, test_dialogues)
+    assert abs(reloaded["Acc_1"] - acc) <= 5.0, (reloaded, summary["test"])

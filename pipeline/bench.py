@@ -89,6 +89,13 @@ def bench_extract(args) -> None:
     from stages import extract, teacher
 
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-extract-"))
+    if args.arch:  # an architecture with random weights, saved as a model directory (throughput needs no training)
+        from infra.architectures import build_adapter
+
+        built = build_adapter(args.arch)
+        args.model = str(root / f"model-{args.arch}")
+        for part in (built.model, built.tokenizer, built.image_processor):
+            part.save_pretrained(args.model)
     if args.dialogues:
         data = args.dialogues
     else:
@@ -141,6 +148,7 @@ def register(subparsers) -> None:
 
     p = which.add_parser("extract", help="extract-stage throughput vs a bare loop, no-op re-run, teacher cache size")
     p.add_argument("--model", default="infra/reference/llava", help="model directory (default: the reference LLaVA)")
+    p.add_argument("--arch", help="instead of --model: an architecture of infra/architectures.py with random weights")
     p.add_argument("--dialogues", help="dialogues.jsonl (default: freshly generated MT-Shapes)")
     p.add_argument("--count", type=int, default=256, help="MT-Shapes dialogues to generate")
     p.add_argument("--image-size", type=int, default=96)

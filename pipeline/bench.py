@@ -47,8 +47,8 @@ def bench_reducer(args) -> None:
     torch.manual_seed(0)
     print(f"device: cpu, torch threads: {torch.get_num_threads()}, text tokens per prompt: {args.text_tokens}, "
           f"repeats: {args.repeats} (median)")
-    header = (f"| shape | n | rate | m | method | reducer ms | reducer GFLOPs (counted / analytic) "
-              f"| 7B prefill TFLOPs | reducer / prefill FLOPs |")
+    header = ("| shape | n | rate | m | method | reducer ms | reducer GFLOPs (counted / analytic) "
+              "| 7B prefill TFLOPs | reducer / prefill FLOPs |")
     print(header)
     print("|---" * 9 + "|")
     for shape_name, spec in SHAPES.items():

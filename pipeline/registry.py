@@ -11,11 +11,11 @@ different data are not comparable.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.shards import file_sha256
 from pipeline.tracking import CANDIDATE
 
 CHAMPION = "champion"
@@ -63,14 +63,6 @@ def decide(candidate_avg: float, baselines: dict[str, float], champion_avg: floa
     return True, f"candidate {candidate_avg:.2f} beats " + " and ".join(against)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def version_weights(client, tracking_uri: str, name: str, version: str) -> set[str]:
     """sha256 of every ``*.safetensors`` file in the artifacts of model version ``name/version``."""
     import mlflow
@@ -79,7 +71,7 @@ def version_weights(client, tracking_uri: str, name: str, version: str) -> set[s
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri))
         files = [local] if local.is_file() else list(local.rglob("*.safetensors"))
-        return {_sha256(p) for p in files if p.suffix == ".safetensors"}
+        return {file_sha256(str(p)) for p in files if p.suffix == ".safetensors"}
 
 
 def _alias(client, name: str, alias: str):

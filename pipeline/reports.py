@@ -167,9 +167,13 @@ def plot_accuracy_vs_rate(summaries: list[dict], path: Path) -> Path:
     ax.set_ylabel("average accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -190,10 +194,7 @@ def plot_per_turn(summaries: list[dict], path: Path) -> Path:
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_accuracy_vs_ttft(summaries: list[dict], path: Path) -> Path:
@@ -214,10 +215,7 @@ def plot_accuracy_vs_ttft(summaries: list[dict], path: Path) -> Path:
     ax.set_ylabel("average accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_matrices(items: list[dict], path: Path, rows_shown: int = 4) -> Path:
@@ -256,10 +254,7 @@ def plot_matrices(items: list[dict], path: Path, rows_shown: int = 4) -> Path:
             cells = p[picks[k], item["indices"]] if item.get("indices") is not None else p[picks[k], : h * w]
             ax.imshow(np.asarray(cells).reshape(h, w), cmap="Blues", interpolation="nearest")
             ax.set_title(f"row {picks[k]} of P", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_reports(summaries: list[dict], per_turn: list[dict], out_dir: str | Path, matrices: list[dict] | None = None,

@@ -77,6 +77,15 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
+def file_sha256(path: str) -> str:
+    """sha256 of a local file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path, ``file://``, ``s3://``, ``gs://`` ... URI.
     Local files are memory-mapped on read, so Arrow IPC shards are read without copies."""

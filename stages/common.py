@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -22,14 +21,6 @@ def model_identity(model_dir: str) -> dict:
     config = json.loads((path / "config.json").read_text())
     weights = sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))
     return {"config": config, "weights": weights}
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shard_ranges(count: int, per_shard: int) -> list[tuple[int, int]]:

@@ -25,8 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline.config import PipelineConfig
-from pipeline.shards import StageOutput
-from stages.common import StageFailed, StageReport, file_sha256, model_identity, shard_ranges
+from pipeline.shards import StageOutput, file_sha256
+from stages.common import StageFailed, StageReport, model_identity, shard_ranges
 
 STAGE = "evaluate"
 log = logging.getLogger("metacompress")

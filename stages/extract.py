@@ -11,8 +11,8 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.config import PipelineConfig
-from pipeline.shards import StageOutput
-from stages.common import StageReport, model_actor, file_sha256, model_identity, run_sharded, shard_ranges
+from pipeline.shards import StageOutput, file_sha256
+from stages.common import StageReport, model_actor, model_identity, run_sharded, shard_ranges
 
 STAGE = "extract"
 

@@ -380,7 +380,8 @@ def _cached_plan(config: PipelineConfig, split: str) -> dict | None:
 
 def _online_plan(config: PipelineConfig, split: str) -> dict | None:
     from stages import extract
-    from stages.common import file_sha256, shard_ranges
+    from pipeline.shards import file_sha256
+    from stages.common import shard_ranges
 
     if not Path(getattr(config.data, split)).is_file():
         return None

@@ -59,7 +59,7 @@ def test_analytic_prefill_flops_match_the_flop_counter(llava, method, rate):
     for r, c in zip(results, counted):
         assert abs(r.stats.prefill_flops - c) <= 0.05 * c, (r.stats.prefill_flops, c)
     # the second turn attends to the cached first turn: more FLOPs per new token than a cold prefill
-    from compress.lvlm.efficiency import llama_prefill_flops
+    from compress.flops import llama_prefill_flops
 
     second = results[1].stats
     cold = llama_prefill_flops(llava.text_config, second.prefill_tokens)
@@ -67,7 +67,7 @@ def test_analytic_prefill_flops_match_the_flop_counter(llava, method, rate):
 
 
 def test_llama_7b_prefill_flops_by_hand():
-    from compress.lvlm.efficiency import llama_prefill_flops
+    from compress.flops import llama_prefill_flops
 
     s, d, inter, layers, vocab = 640, 4096, 11008, 32, 32000
     per_layer = 4 * 2 * s * d * d + 2 * 2 * s * s * d + 3 * 2 * s * d * inter  # q,k,v,o; QK^T and AV; MLP

@@ -196,7 +196,7 @@ def test_promotion_with_a_sqlite_registry(workspace):
     from compress.metacompress import MetaCompress
     from pipeline import tracking
     from pipeline.registry import CANDIDATE, CHAMPION, Evaluated, promote
-    from stages.common import file_sha256
+    from pipeline.shards import file_sha256
 
     base = make_config(workspace, [0.5])  # the same SQLite store as the stage test (one schema migration)
     config = dataclasses.replace(base, tracking=dataclasses.replace(base.tracking, registered_model="promotion"))

@@ -24,7 +24,6 @@ def shard_bytes(uri: str) -> dict[str, bytes]:
 
 def test_extract_writes_features_equal_to_the_vision_tower(workspace, ray_local):
     import numpy as np
-    import torch
 
     from compress.lvlm import load_adapter
     from pipeline.dialogues import load_dialogues

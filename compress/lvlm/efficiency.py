@@ -9,11 +9,8 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
 
 import torch
-
-from compress.flops import llama_prefill_flops  # noqa: F401  (re-exported: the session reports it)
 
 
 def peak_memory_bytes(device: torch.device | str) -> int:

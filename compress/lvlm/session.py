@@ -18,7 +18,8 @@ import torch
 
 from compress.lvlm import decoder
 from compress.lvlm.base import EncodedImage, LVLMAdapter
-from compress.lvlm.efficiency import TurnStats, clock, llama_prefill_flops, peak_memory_bytes, reset_peak_memory
+from compress.flops import llama_prefill_flops
+from compress.lvlm.efficiency import TurnStats, clock, peak_memory_bytes, reset_peak_memory
 from compress.lvlm.methods import Method, get_method
 from compress.reduction import num_keep as budget
 

@@ -23,8 +23,11 @@ DEFAULTS = {
 
 
 def apply_defaults() -> None:
+    joining = "RAY_ADDRESS" in os.environ
     for key, value in DEFAULTS.items():
-        os.environ.setdefault(key, value)
+        # A driver joining a real cluster keeps the node's own address; loopback is for the embedded cluster.
+        if not (joining and key == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+            os.environ.setdefault(key, value)
     # The DeepSpeed launcher does not set it and multi-process CPU runs get 10x slower without it.
     if "OMP_NUM_THREADS" not in os.environ and os.environ.get("WORLD_SIZE", "1") != "1":
         os.environ["OMP_NUM_THREADS"] = "1"

@@ -67,7 +67,7 @@ def register(subparsers) -> None:
     b.add_argument("--steps", type=int, default=3000, help="stage-2 (dialogue) training steps")
     b.add_argument("--stage1-steps", type=int, default=400, help="stage-1 (dense vision labels) steps")
     b.add_argument("--batch", type=int, default=16)
-    b.add_argument("--lr", type=float, default=2e-3)
+    b.add_argument("--lr", type=float, default=1e-3, help="stage-2 learning rate (see RecipeConfig.stage2_lr)")
     b.add_argument("--short-fraction", type=float, default=0.75,
                    help="fraction of stage-2 steps with only the object patches + some background (LLaVA)")
     b.add_argument("--short-tokens", type=int, default=24, help="visual tokens kept in the short-sequence steps")

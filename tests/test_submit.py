@@ -259,7 +259,7 @@ def test_submit_round_trip_trains_and_registers_on_the_mlflow_server(tmp_path, m
     trained = MetaCompress.from_pretrained(train.compressor_dir(config, 0.75))
 
     # the job logged to the server: one pipeline run; the stage runs nested under it
-    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not a registry an earlier test set
     experiment = client.get_experiment_by_name("submit-test")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.dialogues import Dialogue, write_dialogues
+from pipeline.dialogues import Dialogue, Turn, write_dialogues
 
 T = TypeVar("T")
 
@@ -77,6 +77,19 @@ def group_by_image(items: Iterable[tuple[Hashable, Any, T]], per_dialogue: int =
                 groups.append((id_order(chunk[0][0]), image_key, k, [p for _, p in chunk]))
     groups.sort(key=lambda g: g[0])
     return [(image_key, k, payloads) for _, image_key, k, payloads in groups]
+
+
+def dialogues_by_image(items: Iterable[tuple[Hashable, Any, Turn]], per_dialogue: int, keep_partial: bool,
+                       max_dialogues: int | None, id_prefix: str, image_path: Callable[[Hashable], Path],
+                       source: str) -> list[Dialogue]:
+    """``group_by_image`` turned into dialogues ``<id_prefix>-<image>-<chunk>``, at most ``max_dialogues``."""
+    dialogues = []
+    for image_id, k, turns in group_by_image(items, per_dialogue, keep_partial):
+        dialogues.append(Dialogue(f"{id_prefix}-{image_id}-{k}", str(image_path(image_id)), tuple(turns), source,
+                                  {"image_id": image_id}))
+        if max_dialogues is not None and len(dialogues) >= max_dialogues:
+            break
+    return dialogues
 
 
 def write_benchmark(out_dir: str | os.PathLike, dialogues: Sequence[Dialogue], *, image_flag: str,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.datasets.common import BenchmarkFileError, group_by_image, load_json, require, write_benchmark
+from pipeline.datasets.common import BenchmarkFileError, dialogues_by_image, load_json, require, write_benchmark
 from pipeline.dialogues import Dialogue, Turn
 
 SOURCE = "gqa"
@@ -43,13 +43,8 @@ def build_dialogues(questions_file: str | os.PathLike, images_dir: str | os.Path
                 "semantic": (q.get("types") or {}).get("semantic")}
         items.append((image_id, qid, Turn(text, (answer,), meta)))
 
-    dialogues = []
-    for image_id, k, turns in group_by_image(items, per_dialogue, keep_partial):
-        image = images_dir / f"{image_id}.jpg"
-        dialogues.append(Dialogue(f"gqa-{image_id}-{k}", str(image), tuple(turns), SOURCE, {"image_id": image_id}))
-        if max_dialogues is not None and len(dialogues) >= max_dialogues:
-            break
-    return dialogues
+    return dialogues_by_image(items, per_dialogue, keep_partial, max_dialogues, "gqa",
+                              lambda image_id: images_dir / f"{image_id}.jpg", SOURCE)
 
 
 def build(questions_file: str | os.PathLike, images_dir: str | os.PathLike, out_dir: str | os.PathLike, *,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.datasets.common import BenchmarkFileError, group_by_image, load_json, require, write_benchmark
+from pipeline.datasets.common import BenchmarkFileError, dialogues_by_image, load_json, require, write_benchmark
 from pipeline.dialogues import Dialogue, Turn
 
 SOURCE = "vqa_v2"
@@ -59,13 +59,8 @@ def build_dialogues(questions_file: str | os.PathLike, annotations_file: str | o
         meta = {"question_id": qid, "question_type": ann.get("question_type"), "answer_type": ann.get("answer_type")}
         items.append((image_id, qid, Turn(text, tuple(answers), meta)))
 
-    dialogues = []
-    for image_id, k, turns in group_by_image(items, per_dialogue, keep_partial):
-        image = images_dir / f"COCO_{subtype}_{image_id:012d}.jpg"
-        dialogues.append(Dialogue(f"vqa2-{image_id}-{k}", str(image), tuple(turns), SOURCE, {"image_id": image_id}))
-        if max_dialogues is not None and len(dialogues) >= max_dialogues:
-            break
-    return dialogues
+    return dialogues_by_image(items, per_dialogue, keep_partial, max_dialogues, "vqa2",
+                              lambda image_id: images_dir / f"COCO_{subtype}_{image_id:012d}.jpg", SOURCE)
 
 
 def build(questions_file: str | os.PathLike, annotations_file: str | os.PathLike, images_dir: str | os.PathLike,

@@ -75,6 +75,24 @@ class LVLMAdapter:
     ``encode_reduced_vision``."""
 
     family = ""
+    model_class = ""  # transformers' class for the family
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, attn_implementation: str | None = None) -> "LVLMAdapter":
+        import transformers
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        model = getattr(transformers, cls.model_class).from_pretrained(
+            str(model_dir), dtype=dtype or torch.float32, attn_implementation=attn_implementation,
+            use_safetensors=True).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        return cls(model, tokenizer, cls.load_processor(model_dir, model.config), model_dir)
+
+    @classmethod
+    def load_processor(cls, model_dir: Path, config):
+        raise NotImplementedError
 
     def __init__(self, model: nn.Module, tokenizer, image_processor, model_dir: str | Path,
                  chat_template: str | None = None):

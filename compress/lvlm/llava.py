@@ -40,19 +40,11 @@ def load_image_processor(model_dir: Path, default: str, image_size: int, **defau
 class LlavaAdapter(LVLMAdapter):
     family = "llava"
 
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, attn_implementation: str | None = None) -> "LlavaAdapter":
-        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    model_class = "LlavaForConditionalGeneration"
 
-        model_dir = Path(model_dir)
-        model = LlavaForConditionalGeneration.from_pretrained(
-            str(model_dir), dtype=dtype or torch.float32, attn_implementation=attn_implementation,
-            use_safetensors=True).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        size = model.config.vision_config.image_size
-        processor = load_image_processor(model_dir, _PROCESSORS["CLIPImageProcessor"], size)
-        return cls(model, tokenizer, processor, model_dir)
+    @classmethod
+    def load_processor(cls, model_dir: Path, config):
+        return load_image_processor(model_dir, _PROCESSORS["CLIPImageProcessor"], config.vision_config.image_size)
 
     def grid(self) -> tuple[int, int]:
         vc = self.model.config.vision_config

@@ -38,21 +38,12 @@ def next_layout(image_size: tuple[int, int], grid_pinpoints: list, tile: int, pa
 class LlavaNextAdapter(LVLMAdapter):
     family = "llava_next"
 
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, attn_implementation: str | None = None
-                        ) -> "LlavaNextAdapter":
-        from transformers import AutoTokenizer, LlavaNextForConditionalGeneration
+    model_class = "LlavaNextForConditionalGeneration"
 
-        model_dir = Path(model_dir)
-        model = LlavaNextForConditionalGeneration.from_pretrained(
-            str(model_dir), dtype=dtype or torch.float32, attn_implementation=attn_implementation,
-            use_safetensors=True).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        size = model.config.vision_config.image_size
-        processor = load_image_processor(model_dir, _NEXT_PROCESSOR, size,
-                                         image_grid_pinpoints=model.config.image_grid_pinpoints)
-        return cls(model, tokenizer, processor, model_dir)
+    @classmethod
+    def load_processor(cls, model_dir: Path, config):
+        return load_image_processor(model_dir, _NEXT_PROCESSOR, config.vision_config.image_size,
+                                    image_grid_pinpoints=config.image_grid_pinpoints)
 
     def layout(self, image_size: tuple[int, int]) -> Layout:
         vc = self.model.config.vision_config

@@ -146,8 +146,7 @@ def _check_value(value, hint, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
-            return _check_value(value, arg, key)
+        return _check_value(value, next(a for a in args if a is not type(None)), key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")

@@ -78,10 +78,7 @@ class FeatureExtractor:
             rows.append({"dialogue_id": dialogue["dialogue_id"], "image": dialogue["image"],
                          "n_tokens": int(encoded.tokens.shape[0]), "layout": json.dumps(encoded.layout.to_dict()),
                          "features": encoded.tokens.detach().to("cpu", self.store_dtype)})
-        if rows:
-            self.out.write_shard(index, rows)
-        elif dialogues:
-            self.out.write_shard(index, [])
+        self.out.write_shard(index, rows)
         return {"records": len(rows), "errors": errors}
 
 

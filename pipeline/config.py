@@ -104,6 +104,47 @@ class EvaluateConfig:
 
 
 @dataclass
+class TPRLConfig:
+    """The TPRL baseline's training (stage ``tprl``, notes/baselines.md 2): autoencoder, behaviour cloning from the
+    first-turn prompt attention, then PPO with rollouts on Ray actors that hold the LVLM."""
+
+    enabled: bool = False  # off: the stage is skipped (and "tprl" is not evaluated)
+    iterations: int = 50  # PPO iterations (each: collect rollouts, then update)
+    rollouts_per_iteration: int = 64  # episodes (one dialogue's first turn each) per iteration
+    rollout_batch_size: int = 8  # episodes per Ray task; the LVLM answers them in one batch
+    num_actors: int = 1  # rollout actors (one GPU each if any)
+    b: float = 0.1  # reward weight of the share of tokens removed
+    share_of: Literal["original", "previous"] = "original"
+    max_steps: int = 3
+    step_discount: float = 0.5
+    d_latent: int = 256
+    d_hidden: int = 512
+    d_model: int = 256
+    n_layers: int = 2
+    n_heads: int = 8
+    ae_epochs: int = 1
+    ae_lr: float = 1e-3
+    teacher_layers: list[int] | None = None  # LLM layers whose prompt attention ranks tokens for BC (None: all)
+    keep_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 1 / 3])  # the teacher's steps
+    bc_epochs: int = 5
+    bc_lr: float = 5e-5
+    bc_batch_size: int = 128
+    actor_lr: float = 1e-5
+    critic_lr: float = 3e-5
+    ppo_epochs: int = 4
+    minibatch_size: int = 16
+    clip: float = 0.2
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    value_coef: float = 0.5
+    entropy_coef: float = 0.01
+    max_grad_norm: float = 0.5
+    ratio: Literal["joint", "per_token"] = "joint"
+    checkpoint_every: int = 5  # PPO iterations between checkpoints (one is also written after BC and at the end)
+    seed: int = 0
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None  # None: a SQLite store in the work directory
     experiment: str = "metacompress"
@@ -126,6 +167,7 @@ class PipelineConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tprl: TPRLConfig = field(default_factory=TPRLConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -177,6 +219,34 @@ def _build(cls, data, prefix: str):
     return cls(**kwargs)
 
 
+def _tprl_checks(t: TPRLConfig) -> list[tuple[bool, str]]:
+    fractions = t.keep_fractions
+    return [
+        (t.iterations >= 0, "tprl.iterations must be >= 0"),
+        (t.rollouts_per_iteration > 0 and t.rollout_batch_size > 0,
+         "tprl.rollouts_per_iteration and tprl.rollout_batch_size must be positive"),
+        (t.num_actors > 0, "tprl.num_actors must be positive"),
+        (t.b >= 0, "tprl.b must be >= 0"),
+        (t.max_steps > 0, "tprl.max_steps must be positive"),
+        (0 < t.step_discount <= 1, "tprl.step_discount must be in (0, 1]"),
+        (min(t.d_latent, t.d_hidden, t.d_model, t.n_layers, t.n_heads) > 0,
+         "tprl.d_latent, d_hidden, d_model, n_layers and n_heads must be positive"),
+        (t.d_model % t.n_heads == 0, "tprl.d_model must be divisible by tprl.n_heads"),
+        (t.teacher_layers is None or all(layer >= 0 for layer in t.teacher_layers),
+         "tprl.teacher_layers: layer indices must be >= 0 (or null for every layer)"),
+        (bool(fractions) and all(0 < f <= 1 for f in fractions) and fractions == sorted(fractions, reverse=True)
+         and len(fractions) <= t.max_steps,
+         "tprl.keep_fractions must be decreasing values in (0, 1], at most tprl.max_steps of them"),
+        (min(t.ae_lr, t.bc_lr, t.actor_lr, t.critic_lr) > 0, "tprl learning rates must be positive"),
+        (t.ae_epochs > 0 and t.bc_epochs >= 0 and t.bc_batch_size > 0, "tprl.ae_epochs and bc_batch_size must be "
+         "positive, tprl.bc_epochs >= 0"),
+        (t.ppo_epochs > 0 and t.minibatch_size > 0, "tprl.ppo_epochs and tprl.minibatch_size must be positive"),
+        (0 < t.clip < 1 and 0 <= t.gamma <= 1 and 0 <= t.gae_lambda <= 1,
+         "tprl.clip must be in (0, 1), tprl.gamma and tprl.gae_lambda in [0, 1]"),
+        (t.checkpoint_every > 0, "tprl.checkpoint_every must be positive"),
+    ]
+
+
 def validate(config: PipelineConfig) -> PipelineConfig:
     checks = [
         (all(0 < r < 1 for r in config.train.rates), "train.rates: every rate must be in (0, 1)"),
@@ -193,6 +263,7 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         (config.evaluate.batch_size > 0 and config.evaluate.max_new_tokens > 0,
          "evaluate.batch_size and evaluate.max_new_tokens must be positive"),
         (config.evaluate.matrix_images >= 0, "evaluate.matrix_images must be >= 0"),
+        *_tprl_checks(config.tprl),
     ]
     for ok, message in checks:
         if not ok:

@@ -13,10 +13,11 @@ STAGES = {
     "extract": ("stages.extract", ["train", "test"]),
     "teacher": ("stages.teacher", ["train", "test"]),
     "train": ("stages.train", ["train"]),
+    "tprl": ("stages.tprl", ["train"]),  # skipped unless tprl.enabled
     "evaluate": ("stages.evaluate", ["test"]),
 }
 # Stages that open their own MLflow run (with their own metrics); the others get one here.
-SELF_TRACKED = {"train", "evaluate"}
+SELF_TRACKED = {"train", "tprl", "evaluate"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "infra" / "configs" / "default.yaml"
 
 

@@ -68,7 +68,8 @@ def compressor_dir(config: PipelineConfig, rate: float) -> str:
 # --- planning ------------------------------------------------------------------------------------------------------
 @dataclass
 class Job:
-    """One (method, rate) output. ``rate`` None for ``full``; ``compressor``: MetaCompress directory or None."""
+    """One (method, rate) output. ``rate`` None for ``full``; ``compressor``: MetaCompress directory, the TPRL policy
+    directory (method ``tprl``) or None."""
 
     method: str
     rate: float | None
@@ -128,7 +129,8 @@ def protocol(config: PipelineConfig) -> dict:
 
 def plan(config: PipelineConfig, split: str) -> tuple[list[Job], list[str]]:
     """The (method, rate) outputs to evaluate and the reasons for those skipped (metacompress at a rate without a
-    trained compressor). Unknown method names raise ValueError listing the known ones."""
+    trained compressor, tprl without a trained policy). Unknown method names raise ValueError listing the known
+    ones."""
     from pathlib import Path
 
     from compress.lvlm.methods import available_methods
@@ -145,6 +147,16 @@ def plan(config: PipelineConfig, split: str) -> tuple[list[Job], list[str]]:
     for method in methods:
         for rate in ([None] if method == "full" else config.evaluate.rates):
             compressor, weights = None, None
+            if method == "tprl":  # one policy for every rate: it ranks tokens, the rate sets how many stay
+                from compress.tprl.policy import POLICY_WEIGHTS
+                from stages.tprl import policy_dir
+
+                compressor = policy_dir(config)
+                if not Path(compressor, POLICY_WEIGHTS).is_file():
+                    skipped.append(f"tprl@{rate:g}: no trained policy at {compressor} (enable tprl and run the tprl "
+                                   "stage)")
+                    continue
+                weights = file_sha256(f"{compressor}/{POLICY_WEIGHTS}")
             if method == "metacompress":
                 compressor = compressor_dir(config, rate)
                 if not Path(compressor, COMPRESSOR_WEIGHTS).is_file():
@@ -178,13 +190,18 @@ class EvalWorker:
         self.features = StageOutput(**feature_args) if feature_args else None
         self.compressors: dict[str, object] = {}
 
-    def _compressor(self, directory: str | None):
+    def _compressor(self, directory: str | None, method: str = "metacompress"):
         if directory is None:
             return None
         if directory not in self.compressors:
-            from compress.metacompress import MetaCompress
+            if method == "tprl":
+                from compress.tprl import TPRLPolicy, TPRLReducer
 
-            self.compressors[directory] = MetaCompress.from_pretrained(directory).to(self.adapter.device).eval()
+                self.compressors[directory] = TPRLReducer(TPRLPolicy.from_pretrained(directory, self.adapter.device))
+            else:
+                from compress.metacompress import MetaCompress
+
+                self.compressors[directory] = MetaCompress.from_pretrained(directory).to(self.adapter.device).eval()
         return self.compressors[directory]
 
     def _inputs(self, index: int, dialogues: list[dict], vision: bool) -> tuple[list, list[list[str]]]:
@@ -243,7 +260,7 @@ class EvalWorker:
         from compress.lvlm.methods import get_method
         from compress.lvlm.session import BatchChatSession
 
-        method = get_method(job["method"], self._compressor(job["compressor"]))
+        method = get_method(job["method"], self._compressor(job["compressor"], job["method"]))
         opts = self.options
         session = BatchChatSession(self.adapter, method, job["rate"], max_new_tokens=opts["max_new_tokens"],
                                    history="model" if opts["history"] == "own" else "reference")

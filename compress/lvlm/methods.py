@@ -2,7 +2,8 @@
 
 - ``none``: all visual tokens ("full").
 - ``feature``: ``fn(x (n, d), num_keep, layout) -> Reduction`` on X_IMG once per image (random, sample, spatial,
-  metacompress).
+  metacompress, tprl). A prompt-dependent one (``fn.prompt_dependent``, e.g. TPRL) also takes
+  ``prompt_embedding=`` (d,) of the first turn's question; the session reduces when that question arrives.
 - ``llm``: inside the LLM at the first prefill (fastv); ``fn`` is ignored, the session drives
   ``compress.baselines.fastv.FastV``.
 - ``vision``: inside the CLIP vision tower, ``fn(vision_tower, pixel_values, num_keep, feature_layer,
@@ -52,13 +53,15 @@ def available_methods() -> dict[str, Method]:
     out.update({name: Method(name, "vision", fn) for name, fn in VISION_REDUCERS.items()})
     out["prumerge_adaptive"] = Method("prumerge_adaptive", "vision", VISION_REDUCERS["prumerge"], adaptive=True)
     out["metacompress"] = Method("metacompress", "feature")  # fn bound by get_method from the compressor
+    out["tprl"] = Method("tprl", "feature")  # fn bound by get_method from the trained policy
     out.update(METHODS)
     return out
 
 
 def get_method(name: str, compressor=None) -> Method:
     """The method called ``name``. ``compressor``: a ``MetaCompress`` module or the directory of one (required for
-    ``metacompress``). Unknown names raise ValueError listing the known ones."""
+    ``metacompress``); for ``tprl`` a ``TPRLReducer`` or the policy directory of the tprl stage. Unknown names raise
+    ValueError listing the known ones."""
     methods = available_methods()
     if name not in methods:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(methods))}")
@@ -70,5 +73,14 @@ def get_method(name: str, compressor=None) -> Method:
             from compress.metacompress import MetaCompress
 
             compressor = MetaCompress.from_pretrained(compressor).eval()
+        method = Method(name, "feature", compressor)
+    if name == "tprl" and method.fn is None:
+        if compressor is None:
+            raise ValueError("method 'tprl' needs a trained policy: pass the tprl stage's policy directory "
+                             "(<work_dir>/tprl/policy) as the compressor")
+        if not callable(compressor):
+            from compress.tprl import TPRLPolicy, TPRLReducer
+
+            compressor = TPRLReducer(TPRLPolicy.from_pretrained(compressor))
         method = Method(name, "feature", compressor)
     return method

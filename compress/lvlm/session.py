@@ -56,10 +56,28 @@ def expand_image(ids: list[int], image_token_id: int, count: int) -> list[int]:
     return ids[:i] + [image_token_id] * count + ids[i + 1:]
 
 
-def reduce_image(adapter: LVLMAdapter, method: Method, rate: float | None, image) -> tuple[torch.Tensor, float, float, EncodedImage]:
+def is_prompt_dependent(method: Method) -> bool:
+    """A feature reducer that decides with the prompt (TPRL): it needs ``prompt_embedding=`` (DESIGN 5)."""
+    return method.kind == "feature" and bool(getattr(method.fn, "prompt_dependent", False))
+
+
+@torch.no_grad()
+def prompt_embedding(adapter: LVLMAdapter, question: str) -> torch.Tensor:
+    """The query of a prompt-dependent reducer: the mean of the LLM's input-embedding rows of the question's text
+    tokens (the bare question, without template, image or VQA instruction, which are the same in every prompt)
+    -> (d,) float32."""
+    ids = adapter.tokenizer(question.strip(), add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"question {question!r} has no text tokens: a prompt-dependent method needs a question")
+    rows = adapter.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=adapter.device))
+    return rows.float().mean(0)
+
+
+def reduce_image(adapter: LVLMAdapter, method: Method, rate: float | None, image,
+                 prompt_embedding: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, EncodedImage]:
     """One image (PIL, path, or an ``EncodedImage`` whose tokens the extract stage cached) -> (visual tokens for
     the LLM (k, d), vision seconds, reducer seconds, the encoded image). ``none`` and ``llm`` methods keep all of
-    X_IMG (FastV prunes later, inside the LLM)."""
+    X_IMG (FastV prunes later, inside the LLM). ``prompt_embedding`` (d,): given to prompt-dependent reducers."""
     dev = adapter.device
     t0 = clock(dev)
     cached = isinstance(image, EncodedImage) and image.tokens is not None
@@ -76,8 +94,9 @@ def reduce_image(adapter: LVLMAdapter, method: Method, rate: float | None, image
     t1 = clock(dev)
     if method.kind != "feature":
         return encoded.tokens, t1 - t0, 0.0, encoded
+    options = method.options if prompt_embedding is None else {**method.options, "prompt_embedding": prompt_embedding}
     with torch.no_grad():
-        red = method.fn(encoded.tokens, budget(encoded.tokens.shape[0], rate), encoded.layout, **method.options)
+        red = method.fn(encoded.tokens, budget(encoded.tokens.shape[0], rate), encoded.layout, **options)
     return red.tokens.to(adapter.dtype), t1 - t0, clock(dev) - t1, encoded
 
 
@@ -112,8 +131,11 @@ class BatchChatSession:
     def set_images(self, images: list) -> None:
         """Encode and reduce each dialogue's image once; starts new dialogues (empty history and cache)."""
         self.encoded, self.image_tokens, self._first_cost = [], [], []
+        # A prompt-dependent reducer waits for the first question (``ask``); until then the image holds all tokens.
+        self._deferred = is_prompt_dependent(self.method)
         for image in images:
-            tokens, vision_s, reduce_s, enc = reduce_image(self.adapter, self.method, self.rate, image)
+            method = get_method("full") if self._deferred else self.method
+            tokens, vision_s, reduce_s, enc = reduce_image(self.adapter, method, self.rate, image)
             self.image_tokens.append(tokens)
             self.encoded.append(enc)
             self._first_cost.append((vision_s, reduce_s))
@@ -138,12 +160,16 @@ class BatchChatSession:
             raise ValueError("history='reference' needs a reference answer for every dialogue at every turn")
         # per_turn: a prompt-dependent method re-decides on each new question over a fresh prefill of the history
         first = self.turn == 0 or (self.recompress == "per_turn" and self.method.kind == "llm")
+        image_tokens, first_cost = self.image_tokens, self._first_cost
+        if self.turn == 0 and self._deferred:  # the first turn's question decides; the result serves every turn
+            image_tokens, first_cost = self._reduce_with(questions)
         new = []
         for b, q in enumerate(questions):  # all rows first: a bad question leaves the session unchanged
             seg = ad.segment_ids(self.questions[b] + [q], self.vqa)[-1]
             if self.turn == 0:
-                seg = expand_image(seg, ad.image_token_id, self.image_tokens[b].shape[0])
+                seg = expand_image(seg, ad.image_token_id, image_tokens[b].shape[0])
             new.append(self.pending[b] + seg)
+        self.image_tokens, self._first_cost = image_tokens, first_cost
         for b, ids_b in enumerate(new):
             self.fed[b] = self.fed[b] + ids_b
         rows = self.fed if first else new
@@ -190,6 +216,19 @@ class BatchChatSession:
             self.questions[b].append(questions[b])
         self.turn += 1
         return results
+
+    def _reduce_with(self, questions: list[str]) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
+        """Reduce each encoded image with its first question's embedding -> (tokens per row, (vision_s, reduce_s)
+        per row; the embedding's time counts as the reducer's)."""
+        tokens, costs = [], []
+        for enc, q, (vision_s, _) in zip(self.encoded, questions, self._first_cost):
+            t0 = clock(self.adapter.device)
+            query = prompt_embedding(self.adapter, q)
+            embed_s = clock(self.adapter.device) - t0
+            reduced, _, reduce_s, _ = reduce_image(self.adapter, self.method, self.rate, enc, prompt_embedding=query)
+            tokens.append(reduced)
+            costs.append((vision_s, embed_s + reduce_s))
+        return tokens, costs
 
     def _decode(self, logits: torch.Tensor) -> list[list[int]]:
         """Greedy decoding from the prefill's last logits (B, V) -> answer ids per row, without the stop token.

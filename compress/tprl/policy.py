@@ -25,6 +25,9 @@ from compress.reduction import Reduction
 from compress.tprl.autoencoder import TokenAutoencoder
 
 
+POLICY_SPEC, POLICY_WEIGHTS = "policy.json", "model.safetensors"
+
+
 @dataclass
 class PolicyConfig:
     d_query: int                # width of the prompt embedding (the LLM hidden size)
@@ -145,6 +148,35 @@ class TPRLPolicy(nn.Module):
     def spec(self) -> dict:
         """Everything but the weights needed to rebuild this module (``from_spec``) and load a state dict into it."""
         return {"policy": asdict(self.config), "autoencoder": self.autoencoder.config()}
+
+    def save_pretrained(self, directory) -> None:
+        """``directory``/policy.json (the spec) and ``model.safetensors`` (every weight and buffer, float32)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(path / POLICY_WEIGHTS))
+        (path / POLICY_SPEC).write_text(json.dumps(self.spec(), indent=1) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> "TPRLPolicy":
+        """The policy saved by ``save_pretrained`` (safetensors only, nothing unpickled), in eval mode."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        if not (path / POLICY_SPEC).is_file() or not (path / POLICY_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{path}: not a TPRL policy directory ({POLICY_SPEC} + {POLICY_WEIGHTS}); "
+                                    "run the tprl stage or save one with TPRLPolicy.save_pretrained")
+        policy = cls.from_spec(json.loads((path / POLICY_SPEC).read_text()))
+        policy.load_state_dict(load_file(str(path / POLICY_WEIGHTS)))
+        return policy.to(map_location).eval()
 
     @classmethod
     def from_spec(cls, spec: dict) -> "TPRLPolicy":

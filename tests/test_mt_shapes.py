@@ -85,6 +85,21 @@ def _expected_answer(question: str, scene: dict) -> str:
     raise AssertionError(f"question outside the templates: {question!r}")
 
 
+def _check_objects(meta: dict, answer: str, scene: dict) -> None:
+    """meta["objects"] (the objects the answer depends on) agrees with the answer."""
+    objs = [scene["objects"][i] for i in meta["objects"]]
+    kind = meta["type"].split("_")[0]
+    if kind == "count":
+        assert len(objs) == int(answer)
+    elif kind == "exist":
+        assert bool(objs) == (answer == "yes")
+    elif kind == "attr":
+        (o,) = objs
+        assert o[meta["type"][len("attr_"):]] == answer
+    else:
+        assert len(objs) == 2
+
+
 def test_every_answer_is_correct_for_its_scene(built: Path) -> None:
     import json
 
@@ -101,6 +116,7 @@ def test_every_answer_is_correct_for_its_scene(built: Path) -> None:
                 assert answer == _expected_answer(t.question, scene), (d.dialogue_id, t.question)
                 assert answer in mt.ANSWER_VOCAB and " " not in answer
                 types.add(t.meta["type"])
+                _check_objects(t.meta, answer, scene)
             assert len(d.turns[0].meta["cells"]) <= 2  # the first question is about one or two regions
             cats = {t.meta["type"].split("_")[0] for t in d.turns}
             categories_distinct += len(cats) == 3

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,9 +245,14 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-# A question is (text, answer, meta); meta["cells"] are the regions it is about (all 9 for whole-image questions).
+# A question is (text, answer, meta); meta["cells"] are the regions it is about (all 9 for whole-image questions),
+# meta["objects"] the indices into scene.objects of the objects its answer depends on (empty when none is).
 Question = tuple[str, str, dict[str, Any]]
 ALL_CELLS = list(range(9))
+
+
+def _indices(scene: Scene, keep: Callable[[ShapeObject], bool]) -> list[int]:
+    return [i for i, o in enumerate(scene.objects) if keep(o)]
 
 
 def _ask_attribute(rng: np.random.Generator, scene: Scene, used: set[int]) -> Question | None:
@@ -257,7 +262,7 @@ def _ask_attribute(rng: np.random.Generator, scene: Scene, used: set[int]) -> Qu
     o = _pick(rng, objs)
     attr = ("color", "shape", "size")[int(rng.integers(3))]
     return (f"What {attr} is the object in the {region_name(o.cell)}?", getattr(o, attr),
-            {"type": f"attr_{attr}", "cells": [o.cell]})
+            {"type": f"attr_{attr}", "cells": [o.cell], "objects": _indices(scene, lambda x: x is o)})
 
 
 def _ask_existence(rng: np.random.Generator, scene: Scene, used: set[int], local: bool) -> Question | None:
@@ -270,7 +275,7 @@ def _ask_existence(rng: np.random.Generator, scene: Scene, used: set[int], local
             return None
         c = _pick(rng, pool)
         return (f"Is there an object in the {region_name(c)}?", "yes" if c in occupied else "no",
-                {"type": "exist_region", "cells": [c]})
+                {"type": "exist_region", "cells": [c], "objects": _indices(scene, lambda x: x.cell == c)})
     present = {(o.color, o.shape) for o in scene.objects}
     if want_yes:
         objs = [o for o in scene.objects if o.cell not in used] or list(scene.objects)
@@ -281,7 +286,8 @@ def _ask_existence(rng: np.random.Generator, scene: Scene, used: set[int], local
         color, shape = _pick(rng, absent)
         cells = ALL_CELLS
     return (f"Is there {_article(color)} {color} {shape}?", "yes" if (color, shape) in present else "no",
-            {"type": "exist_thing", "cells": cells})
+            {"type": "exist_thing", "cells": cells,
+             "objects": _indices(scene, lambda x: (x.color, x.shape) == (color, shape))})
 
 
 def _ask_count(rng: np.random.Generator, scene: Scene, used: set[int]) -> Question:
@@ -291,16 +297,19 @@ def _ask_count(rng: np.random.Generator, scene: Scene, used: set[int]) -> Questi
         line = _pick(rng, lines)
         cells = _line_cells(line)
         n = sum(o.cell in cells for o in scene.objects)
-        return f"How many objects are in the {line}?", str(n), {"type": "count_line", "cells": cells}
+        return (f"How many objects are in the {line}?", str(n),
+                {"type": "count_line", "cells": cells, "objects": _indices(scene, lambda x: x.cell in cells)})
     if kind == 1:
         present = sorted({o.color for o in scene.objects})
         color = _pick(rng, present) if rng.integers(2) else _pick(rng, list(COLORS))
         n = sum(o.color == color for o in scene.objects)
-        return f"How many {color} objects are there?", str(n), {"type": "count_color", "cells": ALL_CELLS}
+        return (f"How many {color} objects are there?", str(n),
+                {"type": "count_color", "cells": ALL_CELLS, "objects": _indices(scene, lambda x: x.color == color)})
     present = sorted({o.shape for o in scene.objects})
     shape = _pick(rng, present) if rng.integers(2) else _pick(rng, SHAPES)
     n = sum(o.shape == shape for o in scene.objects)
-    return f"How many {PLURALS[shape]} are there?", str(n), {"type": "count_shape", "cells": ALL_CELLS}
+    return (f"How many {PLURALS[shape]} are there?", str(n),
+            {"type": "count_shape", "cells": ALL_CELLS, "objects": _indices(scene, lambda x: x.shape == shape)})
 
 
 def _ask_relation(rng: np.random.Generator, scene: Scene, used: set[int]) -> Question | None:
@@ -317,7 +326,8 @@ def _ask_relation(rng: np.random.Generator, scene: Scene, used: set[int]) -> Que
     else:
         answer = "above" if a.row < b.row else "below"
         text = f"Is the {a.name} above or below the {b.name}?"
-    return text, answer, {"type": "rel_lr" if horizontal else "rel_ab", "cells": [a.cell, b.cell]}
+    return text, answer, {"type": "rel_lr" if horizontal else "rel_ab", "cells": [a.cell, b.cell],
+                          "objects": _indices(scene, lambda x: x is a or x is b)}
 
 
 def _ask(category: str, rng: np.random.Generator, scene: Scene, used: set[int], first: bool) -> Question | None:

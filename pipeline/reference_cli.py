@@ -33,7 +33,8 @@ def _build(args: argparse.Namespace) -> int:
         evaluation = evaluation or data / "test" / "dialogues.jsonl"
     cfg = RecipeConfig(family=args.family, seed=args.seed, stage2_steps=args.steps, stage1_steps=args.stage1_steps,
                        stage2_batch=args.batch, stage2_lr=args.lr, max_train=args.max_train,
-                       short_fraction=args.short_fraction, short_tokens=args.short_tokens, text_layers=args.text_layers,
+                       text_layers=args.text_layers,
+                       attention_weight=args.attention_weight,
                        vision_hidden=args.vision_hidden, log_every=args.log_every)
     if args.device == "cuda":
         import torch
@@ -68,9 +69,8 @@ def register(subparsers) -> None:
     b.add_argument("--stage1-steps", type=int, default=400, help="stage-1 (dense vision labels) steps")
     b.add_argument("--batch", type=int, default=16)
     b.add_argument("--lr", type=float, default=1e-3, help="stage-2 learning rate (see RecipeConfig.stage2_lr)")
-    b.add_argument("--short-fraction", type=float, default=0.75,
-                   help="fraction of stage-2 steps with only the object patches + some background (LLaVA)")
-    b.add_argument("--short-tokens", type=int, default=24, help="visual tokens kept in the short-sequence steps")
+    b.add_argument("--attention-weight", type=float, default=1.0,
+                   help="weight of the attention supervision on MT-Shapes (where each answer should look); 0: off")
     b.add_argument("--text-layers", type=int, default=3)
     b.add_argument("--vision-hidden", type=int, default=64)
     b.add_argument("--max-train", type=int, default=None, help="use only the first N training dialogues")

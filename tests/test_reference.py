@@ -111,7 +111,7 @@ def test_small_recipe_learns_above_chance(tmp_path):
     cfg = RecipeConfig(image_size=48, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
                        text_hidden=64, text_layers=2, text_heads=2, text_intermediate=128, stage1_steps=80,
                        stage1_batch=16, stage1_lr=3e-3, stage2_steps=250, stage2_batch=16, stage2_lr=3e-3,
-                       warmup=20, short_fraction=0.8, short_tokens=4, log_every=25)
+                       warmup=20, log_every=25)
     out = tmp_path / "model"
     summary = build_reference("llava", out, train, test, cfg, log=print)
     test_dialogues = load_dialogues(test)
@@ -126,3 +126,72 @@ def test_small_recipe_learns_above_chance(tmp_path):
     # fp16 weights saved, float32 loaded: the reloaded model still answers (within a few dialogues of the same).
     reloaded = evaluate(model, processor, test_dialogues)
     assert abs(reloaded["Acc_1"] - acc) <= 5.0, (reloaded, summary["test"])
+
+
+def _mt_shapes_examples(tmp_path: Path, n: int = 6):
+    from infra.reference.recipe import RecipeConfig, build_processor, dialogue_example
+    from infra.reference.tokenizer import tokenizer_from_dialogues
+    from pipeline.datasets import mt_shapes
+    from pipeline.dialogues import load_dialogues
+
+    mt_shapes.generate_split(tmp_path, "train", n, seed=5, progress=False)
+    dialogues = load_dialogues(tmp_path / "train" / "dialogues.jsonl")
+    scenes = mt_shapes.load_scenes(tmp_path / "train" / "scenes.jsonl")
+    proc = build_processor(RecipeConfig(family="llava"), tokenizer_from_dialogues(dialogues))
+    return [(d, scenes[d.dialogue_id], dialogue_example(d, proc, scenes[d.dialogue_id], 12)) for d in dialogues], proc
+
+
+def test_attention_targets_point_at_the_objects_of_each_answer(tmp_path):
+    """Each turn's target is a distribution over [first token, 144 patches]: on the patches near the objects its
+    answer depends on (every such object gets at least one), or entirely on the first token when there are none;
+    the answer-predicting position is the ':' before the answer and the key words are that turn's question words."""
+    from infra.reference.recipe import KEY_WORDS
+
+    examples, proc = _mt_shapes_examples(tmp_path)
+    tok = proc.tokenizer
+    for d, scene, ex in examples:
+        ids = ex["input_ids"].tolist()
+        for t, turn in enumerate(d.turns):
+            target = ex["attn_target"][t]
+            assert abs(float(target.sum()) - 1.0) < 1e-6
+            objects = [scene.objects[i] for i in turn.meta["objects"]]
+            if not objects:
+                assert float(target[0]) == 1.0
+                continue
+            assert float(target[0]) == 0.0
+            hit = (target[1:] > 0).nonzero().flatten().tolist()
+            centres = [((p % 12) * 8 + 4, (p // 12) * 8 + 4) for p in hit]
+            near = [[abs(x - o.cx) <= o.radius + 4 and abs(y - o.cy) <= o.radius + 4 for o in objects]
+                    for x, y in centres]
+            assert all(any(row) for row in near), (turn.question, centres)
+            assert all(any(row[k] for row in near) for k in range(len(objects)))
+            pos = int(ex["attn_pos"][t])
+            assert tok.convert_ids_to_tokens(ids[pos - 1:pos + 2]) == ["assistant", ":", turn.answers[0]]
+            words = [tok.convert_ids_to_tokens(ids[i]) for i in ex["attn_question"][t].tolist() if i >= 0]
+            assert words == [w for w in turn.question.lower().replace("?", " ").split() if w in KEY_WORDS]
+
+
+def test_attention_loss_equals_a_plain_computation(tmp_path):
+    import torch
+
+    from infra.reference.recipe import attention_loss, collate
+
+    examples, proc = _mt_shapes_examples(tmp_path, 3)
+    batch = collate([ex for _, _, ex in examples], proc.tokenizer.pad_token_id)
+    g = torch.Generator().manual_seed(0)
+    b, n = batch["input_ids"].shape
+    attentions = tuple(torch.rand(b, 2, n, n, generator=g).softmax(-1) for _ in range(3))
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    expected = []
+    for i in range(b):
+        image = [j for j in range(n) if batch["input_ids"][i, j] == image_id]
+        total, turns = 0.0, int((batch["attn_pos"][i] >= 0).sum())
+        for t in range(turns):
+            p = int(batch["attn_pos"][i, t])
+            fetch = [attentions[-1][i, 0, p, 0]] + [attentions[-1][i, 0, p, j] for j in image]
+            total += -sum(float(w) * float(torch.log(a + 1e-6)) for w, a in zip(batch["attn_target"][i, t], fetch))
+            words = [w for w in batch["attn_question"][i, t].tolist() if w >= 0]
+            total += -sum(float(torch.log(attentions[0][i, 0, p, w] + 1e-6)) for w in words) / len(words)
+        expected.append(total / turns)
+    got = attention_loss(attentions, batch, image_id, 144)
+    assert abs(float(got) - sum(expected) / len(expected)) < 1e-4

@@ -12,7 +12,11 @@ end to end from answer tokens alone is what is slow (a naive recipe stayed at ch
    the model's own image processor with nearest resampling, so they line up with the patches for any geometry.
 2. **Projector + decoder.** The tower is frozen (or at ``vision_lr_scale`` times the lr); the projector and decoder
    learn on whole dialogues with an answer-only loss (all turns of a dialogue in one sequence: three answers for the
-   price of about one, and the history the model will see at test time).
+   price of about one, and the history the model will see at test time). On MT-Shapes two attention heads are
+   also told where to look (:func:`attention_loss`): one gathers the question's key words, one fetches the patches
+   of the objects the answer depends on (the generator knows them). Without that, and with Llama's default init
+   std (0.02, made for widths of thousands), the decoder sat at chance for thousands of steps; with both, it
+   leaves chance within a few hundred.
 
 Evaluation (:func:`evaluate`) is the multi-turn protocol: greedy ``generate`` with the full image, the model's own
 answers in the history, exact match per turn. Everything is saved as a plain local HF directory that
@@ -36,6 +40,10 @@ import numpy as np
 FAMILIES = ("llava", "llava_next")
 # Head groups of the vision pretraining: name -> number of classes (class 0 = empty / no anchor).
 HEAD_GROUPS: dict[str, int] = {"color": 7, "shape": 5, "size": 3, "anchor": 2, "row": 3, "col": 3}
+# The words of an MT-Shapes question that say what is asked and where (see :func:`attention_loss`).
+KEY_WORDS = frozenset({"color", "shape", "size", "top", "middle", "bottom", "left", "center", "right", "row", "column",
+                       "red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "cross",
+                       "circles", "squares", "triangles", "crosses", "objects", "object", "above", "below"})
 IGNORE = -100
 
 
@@ -54,6 +62,9 @@ class RecipeConfig:
     text_layers: int = 3
     text_heads: int = 4
     text_intermediate: int = 384
+    # Init std of the decoder's weights; None: 1/sqrt(text_hidden). Llama's 0.02 suits widths of thousands; at 128
+    # it makes every attention logit ~0.05 and the attention needs hundreds of steps of weight growth to select.
+    text_init_std: float | None = None
     stage1_steps: int = 600
     stage1_batch: int = 32
     stage1_lr: float = 2e-3
@@ -64,16 +75,14 @@ class RecipeConfig:
     stage2_lr: float = 1e-3
     warmup: int = 100
     vision_lr_scale: float = 0.0
-    # Short sequences (LLaVA, after stage 1): for the first ``short_fraction`` of stage 2 the decoder sees only
-    # ``short_tokens`` visual tokens: every patch the dense head calls an object, plus random background patches.
-    # A 4x shorter sequence is a 4x cheaper step; the remaining steps see all tokens, as at test time.
-    short_fraction: float = 0.7
-    short_tokens: int = 48
+    # Weight of the attention supervision (:func:`attention_loss`); 0 turns it off.
+    attention_weight: float = 1.0
     weight_decay: float = 0.01
     seed: int = 0
     max_train: int | None = None
     log_every: int = 50
-    grid_pinpoints: list[list[int]] = field(default_factory=lambda: [[96, 96], [96, 144], [144, 96]])
+    # 1 x 2, 2 x 1 and 2 x 2 tiles: several aspect ratios at about 110-180 visual tokens, cheap enough for CPU.
+    grid_pinpoints: list[list[int]] = field(default_factory=lambda: [[48, 96], [96, 48], [96, 96]])
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -97,7 +106,8 @@ def build_model(cfg: RecipeConfig, vocab_size: int, image_token_id: int, pad_id:
     tc = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
                      num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
                      num_key_value_heads=cfg.text_heads, max_position_embeddings=1024, pad_token_id=pad_id,
-                     bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=True)
+                     bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=True,
+                     initializer_range=cfg.text_init_std or cfg.text_hidden ** -0.5)
     grid = (cfg.tile_size // cfg.patch_size) ** 2
     # vision_feature_layer=-1: the decoder reads the very layer that the dense heads were trained on.
     common = dict(vision_config=vc, text_config=tc, image_token_index=image_token_id, image_seq_length=grid,
@@ -254,7 +264,7 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 def pretrain_vision(model, processor, items: Sequence[tuple[str, Any]], cfg: RecipeConfig,
                     log: Callable[[str], None] = print, device: str = "cpu") -> tuple[list[dict[str, float]], Any]:
     """Stage 1. ``items``: (image path, Scene) pairs. Trains the tower in place; returns the logged curve (step,
-    loss, accuracies of the last batch) and the dense head (stage 2 uses it to find object patches)."""
+    loss, accuracies of the last batch) and the dense head (stage 2 warm-starts the projector from it)."""
     import torch
     from PIL import Image
 
@@ -324,8 +334,33 @@ def answer_labels(input_ids, tokenizer):
     return labels
 
 
-def dialogue_example(dialogue, processor) -> dict[str, Any]:
-    """Model inputs of one whole dialogue with answer-only labels (first reference answer of each turn)."""
+def attention_targets(dialogue, scene, grid: int):
+    """(T, 1 + grid**2) float32: for each turn, where the answer should look, as a distribution over [first token,
+    patch_0 .. patch_{grid**2 - 1}] of a ``grid x grid`` patching of the whole image: uniform over the patches of
+    the objects the answer depends on (``turn.meta["objects"]``), or all on the first token (an attention sink)
+    when it depends on none (an empty region, a count of zero). None when a turn lacks ``meta["objects"]``."""
+    import torch
+
+    from pipeline.datasets.mt_shapes import patch_labels
+
+    if any("objects" not in t.meta for t in dialogue.turns):
+        return None
+    obj = patch_labels(scene, grid, grid)["object"].reshape(-1)
+    out = torch.zeros(len(dialogue.turns), 1 + grid * grid)
+    for t, turn in enumerate(dialogue.turns):
+        hit = torch.from_numpy(np.isin(obj, list(turn.meta["objects"])))
+        if hit.any():
+            out[t, 1:][hit] = 1.0 / float(hit.sum())
+        else:
+            out[t, 0] = 1.0
+    return out
+
+
+def dialogue_example(dialogue, processor, scene=None, grid: int = 0) -> dict[str, Any]:
+    """Model inputs of one whole dialogue with answer-only labels (first reference answer of each turn). With an
+    MT-Shapes ``scene`` and the ``grid`` of patches that covers the whole image (LLaVA: the image; LLaVA-NeXT: its
+    base tile), also ``attn_pos`` (T,), the position that predicts each turn's first answer token, and
+    ``attn_target`` (see :func:`attention_targets`)."""
     from PIL import Image
 
     text = processor.apply_chat_template(render_dialogue([(t.question, t.answers[0]) for t in dialogue.turns]))
@@ -333,7 +368,72 @@ def dialogue_example(dialogue, processor) -> dict[str, Any]:
         enc = processor(images=[im.convert("RGB")], text=[text], return_tensors="pt")
     ex = {k: v[0] for k, v in enc.items() if k in ("input_ids", "pixel_values", "image_sizes")}
     ex["labels"] = answer_labels(ex["input_ids"], processor.tokenizer)
+    target = attention_targets(dialogue, scene, grid) if scene is not None and grid else None
+    if target is not None:
+        answer = ex["labels"] != IGNORE
+        starts = (answer & ~torch_roll_right(answer)).nonzero().flatten() - 1
+        if len(starts) == len(target):
+            ex["attn_pos"], ex["attn_target"] = starts, target
+            ex["attn_question"] = key_word_positions(ex["input_ids"], starts, processor.tokenizer)
     return ex
+
+
+def key_word_positions(input_ids, answer_pos, tokenizer):
+    """(T, W) positions of each turn's key words (:data:`KEY_WORDS`: what is asked and where), -1 padded: the
+    words of the question that ends at the ``ASSISTANT :`` whose ``:`` sits at ``answer_pos[t]``."""
+    import torch
+
+    user, colon = tokenizer.convert_tokens_to_ids("user"), tokenizer.convert_tokens_to_ids(":")
+    keys = {i for i in tokenizer.convert_tokens_to_ids(sorted(KEY_WORDS)) if i != tokenizer.unk_token_id}
+    ids = input_ids.tolist()
+    rows = []
+    for p in answer_pos.tolist():
+        start = p - 2
+        while start > 1 and not (ids[start - 1] == colon and ids[start - 2] == user):
+            start -= 1
+        rows.append([i for i in range(start, p - 1) if ids[i] in keys])
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def torch_roll_right(mask):
+    """``mask`` shifted right by one, False entering at the left."""
+    import torch
+
+    return torch.cat([mask.new_zeros(1), mask[:-1]])
+
+
+def attention_loss(attentions, batch: dict[str, Any], image_token_id: int, patches: int):
+    """Where the answers should look, as a sum of two cross-entropies at each answer-predicting position:
+
+    - head 0 of the first layer against a uniform distribution over the turn's key words (it gathers what is
+      asked and where: "colour", "top left", "red circle");
+    - head 0 of the last layer against :func:`attention_targets` over [first token, the first ``patches`` image
+      tokens] (it fetches the objects that answer it).
+
+    Supervising both hops makes each a one-step lookup, which small decoders learn within a few hundred steps;
+    from answer tokens alone they sat at chance for thousands. ``attentions``: the model's per-layer (B, H, L, L)
+    tuple; ``batch`` holds ``input_ids``, ``attn_pos`` (B, T; -1 = no turn), ``attn_target`` (B, T, 1 + patches)
+    and ``attn_question`` (B, T, W; key-word positions, -1 padded)."""
+    import torch
+
+    first, last = attentions[0][:, 0], attentions[-1][:, 0]  # (B, L, L)
+    losses = []
+    for b in range(last.shape[0]):
+        turns = batch["attn_pos"][b] >= 0
+        if not turns.any():
+            continue
+        pos = batch["attn_pos"][b][turns]
+        image = (batch["input_ids"][b] == image_token_id).nonzero().flatten()[:patches]
+        cols = torch.cat([image.new_zeros(1), image])
+        fetch = last[b, pos][:, cols]  # (T, 1 + patches)
+        loss = -(batch["attn_target"][b][turns] * torch.log(fetch + 1e-6)).sum(-1).mean()
+        for p, words in zip(pos.tolist(), batch["attn_question"][b][turns]):
+            words = words[words >= 0]
+            if len(words):
+                loss = loss - torch.log(first[b, p, words] + 1e-6).mean() / len(pos)
+        losses.append(loss)
+    return torch.stack(losses).mean() if losses else last.new_zeros(())
 
 
 def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -354,6 +454,16 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         pvs = [torch.cat([p, p.new_zeros(tiles - p.shape[0], *p.shape[1:])]) for p in pvs]
         batch["image_sizes"] = torch.stack([e["image_sizes"] for e in examples])
     batch["pixel_values"] = torch.stack(pvs)
+    if all("attn_pos" in e for e in examples):
+        turns = max(len(e["attn_pos"]) for e in examples)
+        batch["attn_pos"] = torch.full((len(examples), turns), -1, dtype=torch.long)
+        batch["attn_target"] = torch.zeros(len(examples), turns, examples[0]["attn_target"].shape[1])
+        words = max(e["attn_question"].shape[1] for e in examples)
+        batch["attn_question"] = torch.full((len(examples), turns, words), -1, dtype=torch.long)
+        for b, e in enumerate(examples):
+            batch["attn_pos"][b, :len(e["attn_pos"])] = e["attn_pos"]
+            batch["attn_target"][b, :len(e["attn_target"])] = e["attn_target"]
+            batch["attn_question"][b, :len(e["attn_question"]), :e["attn_question"].shape[1]] = e["attn_question"]
     return batch
 
 
@@ -372,55 +482,13 @@ def warm_start_projector(model, head) -> None:
         lin.bias[:k] = head.bias.to(lin.bias.dtype)
 
 
-def object_patches(model, head, pixel_values):
-    """(N, P) bool: patches the dense head calls part of an object (any colour, or an anchor)."""
-    import torch
-
-    with torch.no_grad():
-        logits = head(tower_patch_features(model, pixel_values))
-    n_color, n_shape, n_size = HEAD_GROUPS["color"], HEAD_GROUPS["shape"], HEAD_GROUPS["size"]
-    anchor = logits[..., n_color + n_shape + n_size:n_color + n_shape + n_size + 2]
-    return (logits[..., :n_color].argmax(-1) > 0) | (anchor.argmax(-1) > 0)
-
-
-def short_batch(model, head, batch: dict[str, Any], n_keep: int, rng: random.Random) -> dict[str, Any]:
-    """A LLaVA batch with only ``n_keep`` visual tokens per image (object patches first, then random background
-    ones, in their original order), as ``inputs_embeds`` (B, L', d) + attention_mask + labels (B, L')."""
-    import torch
-
-    image_id = model.config.image_token_id
-    feats = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output  # list of (P, d)
-    objects = object_patches(model, head, batch["pixel_values"])  # (B, P)
-    emb = model.get_input_embeddings()
-    rows = []
-    for b in range(batch["input_ids"].shape[0]):
-        valid = batch["attention_mask"][b].bool()
-        ids, labels = batch["input_ids"][b][valid], batch["labels"][b][valid]
-        pos = (ids == image_id).nonzero().flatten()
-        p0, p1 = int(pos[0]), int(pos[-1]) + 1
-        obj = objects[b].nonzero().flatten().tolist()
-        rest = [i for i in range(p1 - p0) if i not in set(obj)]
-        keep = sorted(obj + rng.sample(rest, max(0, min(len(rest), n_keep - len(obj)))))
-        f = feats[b][keep].to(emb.weight.dtype)
-        e = torch.cat([emb(ids[:p0]), f, emb(ids[p1:])])
-        lab = torch.cat([labels[:p0], labels.new_full((len(keep),), IGNORE), labels[p1:]])
-        rows.append((e, lab))
-    n = max(len(r[1]) for r in rows)
-    embeds = rows[0][0].new_zeros(len(rows), n, rows[0][0].shape[-1])
-    labels = torch.full((len(rows), n), IGNORE, dtype=torch.long, device=embeds.device)
-    mask = torch.zeros((len(rows), n), dtype=torch.long, device=embeds.device)
-    for b, (e, lab) in enumerate(rows):
-        embeds[b, :len(lab)], labels[b, :len(lab)], mask[b, :len(lab)] = e, lab, 1
-    return {"inputs_embeds": embeds, "attention_mask": mask, "labels": labels}
-
-
 def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfig,
                     log: Callable[[str], None] = print, device: str = "cpu",
                     evaluate_fn: Callable[[Any, int], dict[str, float]] | None = None,
-                    eval_every: int = 0, head=None) -> list[dict[str, Any]]:
+                    eval_every: int = 0, scenes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Stage 2: projector + decoder (+ the tower at ``vision_lr_scale``) on whole dialogues, answer-only loss.
-    With the stage-1 ``head`` (LLaVA only), the first ``cfg.short_fraction`` of the steps use
-    :func:`short_batch`."""
+    With MT-Shapes ``scenes`` and ``cfg.attention_weight`` > 0, two heads also learn where each answer should look
+    (:func:`attention_loss`)."""
     import torch
 
     torch.manual_seed(cfg.seed + 1)
@@ -437,27 +505,41 @@ def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfi
     cache: dict[int, dict[str, Any]] = {}
     rng = random.Random(cfg.seed + 1)
     curve: list[dict[str, Any]] = []
-    t0, run_loss, run_n = time.time(), 0.0, 0
+    grid = cfg.tile_size // cfg.patch_size
+    supervise = bool(scenes) and cfg.attention_weight > 0
+    if supervise:
+        model.set_attn_implementation("eager")  # attention weights are only materialised by eager attention
+    t0, run_loss, run_att, run_n = time.time(), 0.0, 0.0, 0
     for step in range(cfg.stage2_steps):
         model.train()
         idx = [rng.randrange(len(dialogues)) for _ in range(cfg.stage2_batch)]
         for i in idx:
             if i not in cache:
-                cache[i] = dialogue_example(dialogues[i], processor)
+                scene = (scenes or {}).get(dialogues[i].meta.get("scene_id", dialogues[i].dialogue_id))
+                if scene is not None and cfg.family == "llava" and scene.width != scene.height:
+                    scene = None  # the centre crop would cut the image: the patch grid would not cover it
+                cache[i] = dialogue_example(dialogues[i], processor, scene, grid)
         batch = {k: v.to(device) for k, v in collate([cache[i] for i in idx], pad_id).items()}
         for gr in opt.param_groups:
             gr["lr"] = cfg.stage2_lr * gr["scale"] * _schedule(step, cfg.stage2_steps, cfg.warmup)
-        short = head is not None and cfg.family == "llava" and step < cfg.short_fraction * cfg.stage2_steps
-        loss = model(**(short_batch(model, head, batch, cfg.short_tokens, rng) if short else batch)).loss
+        inputs = {k: v for k, v in batch.items() if not k.startswith("attn_")}
+        supervised = supervise and "attn_pos" in batch
+        out = model(**inputs, output_attentions=supervised)
+        loss = out.loss
+        att_loss = attention_loss(out.attentions, batch, model.config.image_token_id, grid * grid) \
+            if supervised else None
+        total = loss if att_loss is None else loss + cfg.attention_weight * att_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         run_loss, run_n = run_loss + float(loss.detach()), run_n + 1
+        run_att += float(att_loss.detach()) if att_loss is not None else 0.0
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.stage2_steps:
-            row: dict[str, Any] = {"step": step + 1, "loss": round(run_loss / run_n, 4), "short": short,
-                                   "s": round(time.time() - t0, 1)}
-            run_loss, run_n = 0.0, 0
+            row: dict[str, Any] = {"step": step + 1, "loss": round(run_loss / run_n, 4), "s": round(time.time() - t0, 1)}
+            if supervise:
+                row["attention_loss"] = round(run_att / run_n, 4)
+            run_loss, run_att, run_n = 0.0, 0.0, 0
             if evaluate_fn is not None and eval_every and ((step + 1) % eval_every == 0
                                                            or step + 1 == cfg.stage2_steps):
                 row["eval"] = evaluate_fn(model, step + 1)
@@ -465,6 +547,8 @@ def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfi
             log("stage2 " + json.dumps(row))
     for p in vision:
         p.requires_grad_(True)
+    if supervise:
+        model.set_attn_implementation("sdpa")
     return curve
 
 
@@ -593,7 +677,6 @@ def build_reference(family: str, out: str | Path, dialogues: str | Path, eval_di
     scenes = scenes_for(dialogues)
     items = [(d.image, scenes[d.meta.get("scene_id", d.dialogue_id)]) for d in train
              if d.meta.get("scene_id", d.dialogue_id) in scenes]
-    head = None
     if items and cfg.stage1_steps > 0:
         summary["stage1_curve"], head = pretrain_vision(model, processor, items, cfg, log, device)
         warm_start_projector(model, head)
@@ -604,7 +687,7 @@ def build_reference(family: str, out: str | Path, dialogues: str | Path, eval_di
     evaluate_fn = (lambda m, step: evaluate(m, processor, test[:200], device=device)) if test else None
     t1 = time.time()
     summary["stage2_curve"] = train_dialogues(model, processor, train, cfg, log, device, evaluate_fn, eval_every,
-                                               head)
+                                               scenes)
     summary["stage2_s"] = time.time() - t1
     summary["train_s"] = time.time() - t0
     if test:
@@ -635,9 +718,10 @@ def model_card(summary: dict[str, Any], command: str) -> str:
              "per-patch labels (colour / shape / size / anchor / 3x3 region).",
              f"- Stage 2: {cfg['stage2_steps']} steps (batch {cfg['stage2_batch']}, lr {cfg['stage2_lr']}, "
              "tower frozen) "
-             "on whole dialogues, answer-only loss, projector warm-started from the stage-1 head"
-             + (f"; the first {cfg['short_fraction']:.0%} of the steps with {cfg['short_tokens']} visual tokens "
-                "(object patches + background), the rest with all of them." if summary["family"] == "llava" else "."),
+             "on whole dialogues, answer-only loss plus attention supervision (weight "
+             f"{cfg.get('attention_weight', 0)}: one head gathers the question's key words, one fetches the patches "
+             "of the objects the answer depends on), projector warm-started from the stage-1 head, decoder init std "
+             "1/sqrt(width).",
              f"- Training dialogues: {summary['train_dialogues']} from `{summary['dialogues']}`.", "",
              "## Command", "```", command, "```", "",
              f"Wall time: {summary['train_s'] / 60:.1f} min training on {summary['device']} "

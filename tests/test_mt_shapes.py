@@ -97,7 +97,8 @@ def _check_objects(meta: dict, answer: str, scene: dict) -> None:
         (o,) = objs
         assert o[meta["type"][len("attr_"):]] == answer
     else:
-        assert len(objs) == 2
+        a, b = objs
+        assert meta["question"].index(f"{a['color']} {a['shape']}") < meta["question"].index(f"{b['color']} {b['shape']}")
 
 
 def test_every_answer_is_correct_for_its_scene(built: Path) -> None:
@@ -116,7 +117,7 @@ def test_every_answer_is_correct_for_its_scene(built: Path) -> None:
                 assert answer == _expected_answer(t.question, scene), (d.dialogue_id, t.question)
                 assert answer in mt.ANSWER_VOCAB and " " not in answer
                 types.add(t.meta["type"])
-                _check_objects(t.meta, answer, scene)
+                _check_objects({**t.meta, "question": t.question}, answer, scene)
             assert len(d.turns[0].meta["cells"]) <= 2  # the first question is about one or two regions
             cats = {t.meta["type"].split("_")[0] for t in d.turns}
             categories_distinct += len(cats) == 3

@@ -246,7 +246,8 @@ def _article(word: str) -> str:
 
 
 # A question is (text, answer, meta); meta["cells"] are the regions it is about (all 9 for whole-image questions),
-# meta["objects"] the indices into scene.objects of the objects its answer depends on (empty when none is).
+# meta["objects"] the indices into scene.objects of the objects its answer depends on (empty when none is; for a
+# relation, the object asked about first).
 Question = tuple[str, str, dict[str, Any]]
 ALL_CELLS = list(range(9))
 
@@ -327,7 +328,7 @@ def _ask_relation(rng: np.random.Generator, scene: Scene, used: set[int]) -> Que
         answer = "above" if a.row < b.row else "below"
         text = f"Is the {a.name} above or below the {b.name}?"
     return text, answer, {"type": "rel_lr" if horizontal else "rel_ab", "cells": [a.cell, b.cell],
-                          "objects": _indices(scene, lambda x: x is a or x is b)}
+                          "objects": _indices(scene, lambda x: x is a) + _indices(scene, lambda x: x is b)}
 
 
 def _ask(category: str, rng: np.random.Generator, scene: Scene, used: set[int], first: bool) -> Question | None:

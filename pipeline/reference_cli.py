@@ -65,8 +65,8 @@ def register(subparsers) -> None:
     b.add_argument("--eval", help="dialogues.jsonl scored at the end (default with MT-Shapes: its test split)")
     b.add_argument("--eval-limit", type=int, default=None, help="score only the first N evaluation dialogues")
     b.add_argument("--eval-every", type=int, default=0, help="score 200 evaluation dialogues every N steps")
-    b.add_argument("--steps", type=int, default=3000, help="stage-2 (dialogue) training steps")
-    b.add_argument("--stage1-steps", type=int, default=400, help="stage-1 (dense vision labels) steps")
+    b.add_argument("--steps", type=int, default=2500, help="stage-2 (dialogue) training steps")
+    b.add_argument("--stage1-steps", type=int, default=1200, help="stage-1 (dense vision labels) steps")
     b.add_argument("--batch", type=int, default=16)
     b.add_argument("--lr", type=float, default=1e-3, help="stage-2 learning rate (see RecipeConfig.stage2_lr)")
     b.add_argument("--attention-weight", type=float, default=1.0,

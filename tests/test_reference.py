@@ -55,7 +55,7 @@ def test_patch_targets_match_generator_labels():
     per-patch labels (pipeline.datasets.mt_shapes.patch_labels), and regions follow the patch's position."""
     from PIL import Image
 
-    from infra.reference.recipe import RecipeConfig, build_processor, label_image, patch_targets
+    from infra.reference.recipe import IGNORE, RecipeConfig, build_processor, label_image, patch_targets
     from infra.reference.tokenizer import build_vocab, make_tokenizer
     from pipeline.datasets import mt_shapes
 
@@ -67,8 +67,9 @@ def test_patch_targets_match_generator_labels():
                                    do_rescale=False, do_normalize=False)["pixel_values"]
         t = patch_targets(np.rint(np.asarray(lab)).astype(np.int64), scene, 8)
         ref = mt_shapes.patch_labels(scene, 12, 12)
-        for key in ("color", "shape", "size"):
-            assert (t[key].reshape(12, 12) == ref[key]).all(), key
+        assert (t["color"].reshape(12, 12) == ref["color"]).all()
+        for key in ("shape", "size"):  # learned on object patches only
+            assert (t[key].reshape(12, 12) == np.where(ref["color"] > 0, ref[key], IGNORE)).all(), key
         assert t["anchor"].sum() == len(scene.objects)
         assert (t["row"].reshape(12, 12) == np.arange(12)[:, None] // 4).all()
         assert (t["col"].reshape(12, 12) == np.arange(12)[None, :] // 4).all()
@@ -142,33 +143,47 @@ def _mt_shapes_examples(tmp_path: Path, n: int = 6):
 
 
 def test_attention_targets_point_at_the_objects_of_each_answer(tmp_path):
-    """Each turn's target is a distribution over [first token, 144 patches]: on the patches near the objects its
-    answer depends on (every such object gets at least one), or entirely on the first token when there are none;
-    the answer-predicting position is the ':' before the answer and the key words are that turn's question words."""
+    """Each turn's target, per supervised head, is a distribution over [first token, 144 patches]: on patches near
+    the objects its answer depends on (every such object gets one), entirely on the first token when there are none;
+    a relation gives head 0 the first-named object and head 1 the other; a count puts 1 / (1 + n) on the sink and on
+    one patch per object. The answer-predicting position is the ':' before the answer and the key words are that
+    turn's question words (for a relation, head 1 gets the second object's colour and shape)."""
     from infra.reference.recipe import KEY_WORDS
 
     examples, proc = _mt_shapes_examples(tmp_path)
     tok = proc.tokenizer
+    kinds = set()
     for d, scene, ex in examples:
         ids = ex["input_ids"].tolist()
         for t, turn in enumerate(d.turns):
-            target = ex["attn_target"][t]
-            assert abs(float(target.sum()) - 1.0) < 1e-6
-            objects = [scene.objects[i] for i in turn.meta["objects"]]
-            if not objects:
-                assert float(target[0]) == 1.0
-                continue
-            assert float(target[0]) == 0.0
-            hit = (target[1:] > 0).nonzero().flatten().tolist()
-            centres = [((p % 12) * 8 + 4, (p // 12) * 8 + 4) for p in hit]
-            near = [[abs(x - o.cx) <= o.radius + 4 and abs(y - o.cy) <= o.radius + 4 for o in objects]
-                    for x, y in centres]
-            assert all(any(row) for row in near), (turn.question, centres)
-            assert all(any(row[k] for row in near) for k in range(len(objects)))
+            kind = turn.meta["type"].split("_")[0]
+            kinds.add(kind)
+            named = [w for w in turn.question.lower().replace("?", " ").split() if w in KEY_WORDS]
+            for h in range(2):
+                target = ex["attn_target"][t, h]
+                assert abs(float(target.sum()) - 1.0) < 1e-6
+                objects = [scene.objects[i] for i in turn.meta["objects"]]
+                if kind == "rel":
+                    objects = objects[h:h + 1]
+                words = [tok.convert_ids_to_tokens(ids[i]) for i in ex["attn_question"][t, h].tolist() if i >= 0]
+                assert words == (named[-2:] if kind == "rel" and h == 1 else named[:-2] if kind == "rel" else named)
+                if kind == "count":
+                    assert abs(float(target[0]) - 1 / (1 + len(objects))) < 1e-6
+                    assert int((target[1:] > 0).sum()) == len(objects)
+                elif not objects:
+                    assert float(target[0]) == 1.0
+                    continue
+                else:
+                    assert float(target[0]) == 0.0
+                hit = (target[1:] > 0).nonzero().flatten().tolist()
+                centres = [((p % 12) * 8 + 4, (p // 12) * 8 + 4) for p in hit]
+                near = [[abs(x - o.cx) <= o.radius + 4 and abs(y - o.cy) <= o.radius + 4 for o in objects]
+                        for x, y in centres]
+                assert all(any(row) for row in near), (turn.question, centres)
+                assert all(any(row[k] for row in near) for k in range(len(objects)))
             pos = int(ex["attn_pos"][t])
             assert tok.convert_ids_to_tokens(ids[pos - 1:pos + 2]) == ["assistant", ":", turn.answers[0]]
-            words = [tok.convert_ids_to_tokens(ids[i]) for i in ex["attn_question"][t].tolist() if i >= 0]
-            assert words == [w for w in turn.question.lower().replace("?", " ").split() if w in KEY_WORDS]
+    assert {"count", "rel", "attr"} <= kinds
 
 
 def test_attention_loss_equals_a_plain_computation(tmp_path):
@@ -180,7 +195,7 @@ def test_attention_loss_equals_a_plain_computation(tmp_path):
     batch = collate([ex for _, _, ex in examples], proc.tokenizer.pad_token_id)
     g = torch.Generator().manual_seed(0)
     b, n = batch["input_ids"].shape
-    attentions = tuple(torch.rand(b, 2, n, n, generator=g).softmax(-1) for _ in range(3))
+    attentions = tuple(torch.rand(b, 3, n, n, generator=g).softmax(-1) for _ in range(3))
     image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
     expected = []
     for i in range(b):
@@ -188,10 +203,12 @@ def test_attention_loss_equals_a_plain_computation(tmp_path):
         total, turns = 0.0, int((batch["attn_pos"][i] >= 0).sum())
         for t in range(turns):
             p = int(batch["attn_pos"][i, t])
-            fetch = [attentions[-1][i, 0, p, 0]] + [attentions[-1][i, 0, p, j] for j in image]
-            total += -sum(float(w) * float(torch.log(a + 1e-6)) for w, a in zip(batch["attn_target"][i, t], fetch))
-            words = [w for w in batch["attn_question"][i, t].tolist() if w >= 0]
-            total += -sum(float(torch.log(attentions[0][i, 0, p, w] + 1e-6)) for w in words) / len(words)
+            for h in range(2):
+                fetch = [attentions[-1][i, h, p, 0]] + [attentions[-1][i, h, p, j] for j in image]
+                total += -sum(float(w) * float(torch.log(a + 1e-6))
+                              for w, a in zip(batch["attn_target"][i, t, h], fetch))
+                words = [w for w in batch["attn_question"][i, t, h].tolist() if w >= 0]
+                total += -sum(float(torch.log(attentions[0][i, h, p, w] + 1e-6)) for w in words) / len(words)
         expected.append(total / turns)
     got = attention_loss(attentions, batch, image_id, 144)
     assert abs(float(got) - sum(expected) / len(expected)) < 1e-4

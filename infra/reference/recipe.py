@@ -172,9 +172,9 @@ def patch_targets(labels: np.ndarray, scene, patch: int, min_cover: float = 0.2,
 
     ``labels``: (T, 3, S, S) label tiles (see :func:`label_image`) as the image processor laid them out.
     Returns ``{group: (T, (S/patch)**2) int64}`` for :data:`HEAD_GROUPS`. A patch takes the object covering most of
-    its pixels if that covers ``min_cover`` of it; each object's best-covered patch in a tile is its anchor. Region
-    targets come from the patch's centre pixel; padding and tiles not in ``position_tiles`` (default: all) get
-    :data:`IGNORE`.
+    its pixels if that covers ``min_cover`` of it (colour 0 = no object; shape and size :data:`IGNORE` there); each
+    object's best-covered patch in a tile is its anchor. Region targets come from the patch's centre pixel; padding
+    and tiles not in ``position_tiles`` (default: all) get :data:`IGNORE`.
     """
     from pipeline.datasets.mt_shapes import COLORS, SHAPES, SIZES
 
@@ -183,7 +183,8 @@ def patch_targets(labels: np.ndarray, scene, patch: int, min_cover: float = 0.2,
     obj = labels[:, 0].reshape(t, g, patch, g, patch).transpose(0, 1, 3, 2, 4).reshape(t, g * g, patch * patch)
     k = len(scene.objects)
     cover = (obj[..., None] == np.arange(1, k + 1)).mean(axis=2)  # (T, P, k)
-    out = {name: np.zeros((t, g * g), np.int64) for name in ("color", "shape", "size", "anchor")}
+    out = {name: np.zeros((t, g * g), np.int64) for name in ("color", "anchor")}
+    out |= {name: np.full((t, g * g), IGNORE, np.int64) for name in ("shape", "size")}
     if k:
         best = cover.argmax(axis=2)
         hit = cover.max(axis=2) >= min_cover
@@ -191,7 +192,9 @@ def patch_targets(labels: np.ndarray, scene, patch: int, min_cover: float = 0.2,
                 "shape": [1 + list(SHAPES).index(o.shape) for o in scene.objects],
                 "size": [1 + list(SIZES).index(o.size) for o in scene.objects]}
         for name, lut in luts.items():
-            out[name] = np.where(hit, np.asarray(lut)[best], 0)
+            # Shape and size are learned on object patches only: counted over every patch, "empty" dominates the
+            # loss and the tower reached 91 % per patch while naming the shape of whole objects at chance (29 %).
+            out[name] = np.where(hit, np.asarray(lut)[best], 0 if name == "color" else IGNORE)
         for ti in range(t):
             for i in range(k):
                 p = int(cover[ti, :, i].argmax())
@@ -334,11 +337,18 @@ def answer_labels(input_ids, tokenizer):
     return labels
 
 
+SUPERVISED_HEADS = 2  # heads 0 and 1 of the first and the last decoder layer (see attention_loss)
+
+
 def attention_targets(dialogue, scene, grid: int):
-    """(T, 1 + grid**2) float32: for each turn, where the answer should look, as a distribution over [first token,
-    patch_0 .. patch_{grid**2 - 1}] of a ``grid x grid`` patching of the whole image: uniform over the patches of
-    the objects the answer depends on (``turn.meta["objects"]``), or all on the first token (an attention sink)
-    when it depends on none (an empty region, a count of zero). None when a turn lacks ``meta["objects"]``."""
+    """(T, 2, 1 + grid**2) float32: for each turn and supervised head, where the answer should look, as a
+    distribution over [first token, patch_0 .. patch_{grid**2 - 1}] of a ``grid x grid`` patching of the whole image.
+
+    Both heads look at the patches of the objects the answer depends on (``turn.meta["objects"]``), or entirely at
+    the first token (an attention sink) when there are none; a relation splits them (head 0: the object asked about
+    first, head 1: the other), so the two positions are not averaged away; a count puts equal weight on the sink and
+    on one patch per object (the one under its centre), so the share left on the sink, 1 / (1 + n), says n. None when
+    a turn lacks ``meta["objects"]``."""
     import torch
 
     from pipeline.datasets.mt_shapes import patch_labels
@@ -346,13 +356,25 @@ def attention_targets(dialogue, scene, grid: int):
     if any("objects" not in t.meta for t in dialogue.turns):
         return None
     obj = patch_labels(scene, grid, grid)["object"].reshape(-1)
-    out = torch.zeros(len(dialogue.turns), 1 + grid * grid)
+
+    def centre(i: int) -> int:
+        o = scene.objects[i]
+        return int(o.cy * grid / scene.height) * grid + int(o.cx * grid / scene.width)
+
+    out = torch.zeros(len(dialogue.turns), SUPERVISED_HEADS, 1 + grid * grid)
     for t, turn in enumerate(dialogue.turns):
-        hit = torch.from_numpy(np.isin(obj, list(turn.meta["objects"])))
-        if hit.any():
-            out[t, 1:][hit] = 1.0 / float(hit.sum())
-        else:
-            out[t, 0] = 1.0
+        objects, kind = list(turn.meta["objects"]), str(turn.meta.get("type", ""))
+        for h in range(SUPERVISED_HEADS):
+            row = out[t, h]
+            if kind.startswith("count"):
+                row[[0] + [1 + centre(i) for i in objects]] = 1.0
+            else:
+                mine = objects[h:h + 1] if kind.startswith("rel") and len(objects) == 2 else objects
+                hit = torch.from_numpy(np.isin(obj, mine))
+                row[1:][hit] = 1.0
+                if not hit.any():
+                    row[0] = 1.0
+            row /= row.sum()
     return out
 
 
@@ -361,6 +383,7 @@ def dialogue_example(dialogue, processor, scene=None, grid: int = 0) -> dict[str
     MT-Shapes ``scene`` and the ``grid`` of patches that covers the whole image (LLaVA: the image; LLaVA-NeXT: its
     base tile), also ``attn_pos`` (T,), the position that predicts each turn's first answer token, and
     ``attn_target`` (see :func:`attention_targets`)."""
+    import torch
     from PIL import Image
 
     text = processor.apply_chat_template(render_dialogue([(t.question, t.answers[0]) for t in dialogue.turns]))
@@ -371,53 +394,52 @@ def dialogue_example(dialogue, processor, scene=None, grid: int = 0) -> dict[str
     target = attention_targets(dialogue, scene, grid) if scene is not None and grid else None
     if target is not None:
         answer = ex["labels"] != IGNORE
-        starts = (answer & ~torch_roll_right(answer)).nonzero().flatten() - 1
+        before = torch.cat([answer.new_zeros(1), answer[:-1]])
+        starts = (answer & ~before).nonzero().flatten() - 1  # the position before each answer's first token
         if len(starts) == len(target):
             ex["attn_pos"], ex["attn_target"] = starts, target
-            ex["attn_question"] = key_word_positions(ex["input_ids"], starts, processor.tokenizer)
+            relation = [str(t.meta.get("type", "")).startswith("rel") for t in dialogue.turns]
+            ex["attn_question"] = key_word_positions(ex["input_ids"], starts, processor.tokenizer, relation)
     return ex
 
 
-def key_word_positions(input_ids, answer_pos, tokenizer):
-    """(T, W) positions of each turn's key words (:data:`KEY_WORDS`: what is asked and where), -1 padded: the
-    words of the question that ends at the ``ASSISTANT :`` whose ``:`` sits at ``answer_pos[t]``."""
+def key_word_positions(input_ids, answer_pos, tokenizer, relation: Sequence[bool]):
+    """(T, 2, W) positions of each turn's key words (:data:`KEY_WORDS`: what is asked and where) for the two
+    supervised heads, -1 padded: the words of the question that ends at the ``ASSISTANT :`` whose ``:`` sits at
+    ``answer_pos[t]``. For a relation (``relation[t]``) head 1 takes the second object's colour and shape (the last
+    two key words) and head 0 the rest; otherwise both take all of them."""
     import torch
 
     user, colon = tokenizer.convert_tokens_to_ids("user"), tokenizer.convert_tokens_to_ids(":")
     keys = {i for i in tokenizer.convert_tokens_to_ids(sorted(KEY_WORDS)) if i != tokenizer.unk_token_id}
     ids = input_ids.tolist()
     rows = []
-    for p in answer_pos.tolist():
+    for p, rel in zip(answer_pos.tolist(), relation):
         start = p - 2
         while start > 1 and not (ids[start - 1] == colon and ids[start - 2] == user):
             start -= 1
-        rows.append([i for i in range(start, p - 1) if ids[i] in keys])
-    width = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
-
-
-def torch_roll_right(mask):
-    """``mask`` shifted right by one, False entering at the left."""
-    import torch
-
-    return torch.cat([mask.new_zeros(1), mask[:-1]])
+        words = [i for i in range(start, p - 1) if ids[i] in keys]
+        rows.append([words[:-2], words[-2:]] if rel and len(words) > 2 else [words, words])
+    width = max(1, max(len(w) for r in rows for w in r))
+    return torch.tensor([[w + [-1] * (width - len(w)) for w in r] for r in rows], dtype=torch.long)
 
 
 def attention_loss(attentions, batch: dict[str, Any], image_token_id: int, patches: int):
-    """Where the answers should look, as a sum of two cross-entropies at each answer-predicting position:
+    """Where the answers should look, as cross-entropies at each answer-predicting position, for heads 0 and 1:
 
-    - head 0 of the first layer against a uniform distribution over the turn's key words (it gathers what is
-      asked and where: "colour", "top left", "red circle");
-    - head 0 of the last layer against :func:`attention_targets` over [first token, the first ``patches`` image
-      tokens] (it fetches the objects that answer it).
+    - head h of the first layer against a uniform distribution over the turn's key words for h (it gathers what is
+      asked and where: "colour", "top left", "red circle"; see :func:`key_word_positions`);
+    - head h of the last layer against :func:`attention_targets` for h over [first token, the first ``patches``
+      image tokens] (it fetches the objects that answer it).
 
     Supervising both hops makes each a one-step lookup, which small decoders learn within a few hundred steps;
     from answer tokens alone they sat at chance for thousands. ``attentions``: the model's per-layer (B, H, L, L)
-    tuple; ``batch`` holds ``input_ids``, ``attn_pos`` (B, T; -1 = no turn), ``attn_target`` (B, T, 1 + patches)
-    and ``attn_question`` (B, T, W; key-word positions, -1 padded)."""
+    tuple; ``batch`` holds ``input_ids``, ``attn_pos`` (B, T; -1 = no turn), ``attn_target`` (B, T, 2, 1 + patches)
+    and ``attn_question`` (B, T, 2, W; key-word positions, -1 padded). Returns the mean over dialogues of the mean
+    over turns of the sum over the four supervised heads."""
     import torch
 
-    first, last = attentions[0][:, 0], attentions[-1][:, 0]  # (B, L, L)
+    first, last = attentions[0], attentions[-1]  # (B, H, L, L)
     losses = []
     for b in range(last.shape[0]):
         turns = batch["attn_pos"][b] >= 0
@@ -426,12 +448,14 @@ def attention_loss(attentions, batch: dict[str, Any], image_token_id: int, patch
         pos = batch["attn_pos"][b][turns]
         image = (batch["input_ids"][b] == image_token_id).nonzero().flatten()[:patches]
         cols = torch.cat([image.new_zeros(1), image])
-        fetch = last[b, pos][:, cols]  # (T, 1 + patches)
-        loss = -(batch["attn_target"][b][turns] * torch.log(fetch + 1e-6)).sum(-1).mean()
-        for p, words in zip(pos.tolist(), batch["attn_question"][b][turns]):
-            words = words[words >= 0]
-            if len(words):
-                loss = loss - torch.log(first[b, p, words] + 1e-6).mean() / len(pos)
+        loss = last.new_zeros(())
+        for h in range(SUPERVISED_HEADS):
+            fetch = last[b, h, pos][:, cols]  # (T, 1 + patches)
+            loss = loss - (batch["attn_target"][b][turns][:, h] * torch.log(fetch + 1e-6)).sum(-1).mean()
+            for p, words in zip(pos.tolist(), batch["attn_question"][b][turns][:, h]):
+                words = words[words >= 0]
+                if len(words):
+                    loss = loss - torch.log(first[b, h, p, words] + 1e-6).mean() / len(pos)
         losses.append(loss)
     return torch.stack(losses).mean() if losses else last.new_zeros(())
 
@@ -457,13 +481,13 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     if all("attn_pos" in e for e in examples):
         turns = max(len(e["attn_pos"]) for e in examples)
         batch["attn_pos"] = torch.full((len(examples), turns), -1, dtype=torch.long)
-        batch["attn_target"] = torch.zeros(len(examples), turns, examples[0]["attn_target"].shape[1])
-        words = max(e["attn_question"].shape[1] for e in examples)
-        batch["attn_question"] = torch.full((len(examples), turns, words), -1, dtype=torch.long)
+        batch["attn_target"] = torch.zeros(len(examples), turns, *examples[0]["attn_target"].shape[1:])
+        words = max(e["attn_question"].shape[-1] for e in examples)
+        batch["attn_question"] = torch.full((len(examples), turns, SUPERVISED_HEADS, words), -1, dtype=torch.long)
         for b, e in enumerate(examples):
             batch["attn_pos"][b, :len(e["attn_pos"])] = e["attn_pos"]
             batch["attn_target"][b, :len(e["attn_target"])] = e["attn_target"]
-            batch["attn_question"][b, :len(e["attn_question"]), :e["attn_question"].shape[1]] = e["attn_question"]
+            batch["attn_question"][b, :len(e["attn_question"]), :, :e["attn_question"].shape[-1]] = e["attn_question"]
     return batch
 
 

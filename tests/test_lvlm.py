@@ -80,6 +80,20 @@ def test_prompt_segments_follow_the_template(llava):
     assert llava.format_question("how many ?", vqa=False) == "how many ?"
 
 
+def test_no_single_word_instruction_for_a_tokenizer_that_cannot_spell_it(llava):
+    """A word-level tokenizer that maps most of the instruction to <unk> (the reference models) gets the bare
+    question: the model never saw the instruction."""
+    import copy
+
+    from infra.reference.tokenizer import make_tokenizer
+
+    other = copy.copy(llava)
+    other.__init__(llava.model, make_tokenizer(["<pad>", "<s>", "</s>", "<unk>", "<image>", "how", "many", "?"]),
+                   llava.image_processor, llava.model_dir, llava.chat_template)
+    assert other.vqa_suffix is None and other.format_question("how many ?") == "how many ?"
+    assert llava.vqa_suffix is not None
+
+
 @pytest.mark.parametrize("family,size", [("llava", (32, 32)), ("llava_next", (20, 50)), ("llava_next", (32, 32))])
 def test_no_reduction_equals_model_forward(family, size, llava, llava_next):
     from compress.lvlm.session import ChatSession, expand_image

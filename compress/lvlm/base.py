@@ -109,6 +109,12 @@ class LVLMAdapter:
             eos = model.config.text_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self._list_content = True
+        # LLaVA-1.5 was trained with the single-word instruction; a model whose tokenizer cannot spell it (most of
+        # its tokens unknown, e.g. the word-level reference models) never saw it, and unknown tokens would only
+        # confuse it.
+        ids = tokenizer(VQA_SUFFIX, add_special_tokens=False).input_ids
+        unknown = sum(i == tokenizer.unk_token_id for i in ids) if tokenizer.unk_token_id is not None else 0
+        self.vqa_suffix = VQA_SUFFIX if 2 * unknown < len(ids) else None
 
     # --- model parts -------------------------------------------------------------------------------------------
     @property
@@ -150,12 +156,13 @@ class LVLMAdapter:
 
     # --- prompts -----------------------------------------------------------------------------------------------
     def format_question(self, question: str, vqa: bool = True) -> str:
-        """The user text of a turn; VQA prompts end with the single-word instruction (once)."""
+        """The user text of a turn; VQA prompts end with the single-word instruction (once), for models that know
+        it (``vqa_suffix``)."""
         question = question.strip()
         if not question:
             raise ValueError("empty question: every turn needs a question text")
-        if vqa and not question.endswith(VQA_SUFFIX):
-            question = f"{question}\n{VQA_SUFFIX}"
+        if vqa and self.vqa_suffix and not question.endswith(self.vqa_suffix):
+            question = f"{question}\n{self.vqa_suffix}"
         return question
 
     def _messages(self, questions: list[str], list_content: bool) -> list[dict]:

@@ -743,13 +743,13 @@ def model_card(summary: dict[str, Any], command: str) -> str:
              f"- Stage 2: {cfg['stage2_steps']} steps (batch {cfg['stage2_batch']}, lr {cfg['stage2_lr']}, "
              "tower frozen) "
              "on whole dialogues, answer-only loss plus attention supervision (weight "
-             f"{cfg.get('attention_weight', 0)}: one head gathers the question's key words, one fetches the patches "
-             "of the objects the answer depends on), projector warm-started from the stage-1 head, decoder init std "
-             "1/sqrt(width).",
+             f"{cfg.get('attention_weight', 0)}: two heads of the first layer gather the question's key words, two "
+             "of the last fetch the patches of the objects the answer depends on), projector warm-started from the "
+             "stage-1 head, decoder init std 1/sqrt(width).",
              f"- Training dialogues: {summary['train_dialogues']} from `{summary['dialogues']}`.", "",
              "## Command", "```", command, "```", "",
              f"Wall time: {summary['train_s'] / 60:.1f} min training on {summary['device']} "
-             f"({summary['threads']} threads, shared machine).", ""]
+             f"({summary['threads']} torch thread(s) on a 2-core machine shared with another training run).", ""]
     test = summary.get("test")
     if test:
         turns = [k for k in test if k.startswith("Acc_")]

@@ -17,7 +17,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/metacompress demo
+	$(BIN)/metacompress run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -25,7 +25,10 @@ def bench_train(args) -> None:
     from pipeline.config import load_config
     from stages.train import make_plan, train_rate
 
+    from pipeline.run import prepare_data
+
     config = load_config(args.config)
+    prepare_data(config)  # an MT-Shapes config names its splits only once they are generated
     config.train.epochs = 1
     if args.zero_stage is not None:
         config.train.zero_stage = args.zero_stage

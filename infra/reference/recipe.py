@@ -37,13 +37,14 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.datasets.mt_shapes import COLORS, COLS, PLURALS, ROWS, SHAPES
+
 FAMILIES = ("llava", "llava_next")
 # Head groups of the vision pretraining: name -> number of classes (class 0 = empty / no anchor).
 HEAD_GROUPS: dict[str, int] = {"color": 7, "shape": 5, "size": 3, "anchor": 2, "row": 3, "col": 3}
 # The words of an MT-Shapes question that say what is asked and where (see :func:`attention_loss`).
-KEY_WORDS = frozenset({"color", "shape", "size", "top", "middle", "bottom", "left", "center", "right", "row", "column",
-                       "red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "cross",
-                       "circles", "squares", "triangles", "crosses", "objects", "object", "above", "below"})
+KEY_WORDS = frozenset({"color", "shape", "size", "row", "column", "objects", "object", "above", "below",
+                       *ROWS, *COLS, *COLORS, *SHAPES, *PLURALS.values()})
 IGNORE = -100
 
 
@@ -176,7 +177,7 @@ def patch_targets(labels: np.ndarray, scene, patch: int, min_cover: float = 0.2,
     object's best-covered patch in a tile is its anchor. Region targets come from the patch's centre pixel; padding
     and tiles not in ``position_tiles`` (default: all) get :data:`IGNORE`.
     """
-    from pipeline.datasets.mt_shapes import COLORS, SHAPES, SIZES
+    from pipeline.datasets.mt_shapes import SIZES
 
     t, _, s, _ = labels.shape
     g = s // patch

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 def test_tokenizer_words_template_and_roundtrip(tmp_path):
@@ -129,17 +130,21 @@ def test_small_recipe_learns_above_chance(tmp_path):
     assert abs(reloaded["Acc_1"] - acc) <= 5.0, (reloaded, summary["test"])
 
 
-def _mt_shapes_examples(tmp_path: Path, n: int = 6):
+def _mt_shapes_examples(tmp_path: Path, n: int = 6, family: str = "llava"):
     from infra.reference.recipe import RecipeConfig, build_processor, dialogue_example
     from infra.reference.tokenizer import tokenizer_from_dialogues
     from pipeline.datasets import mt_shapes
     from pipeline.dialogues import load_dialogues
 
-    mt_shapes.generate_split(tmp_path, "train", n, seed=5, progress=False)
+    aspect = 1.0 if family == "llava" else None
+    mt_shapes.generate_split(tmp_path, "train", n, seed=5, cfg=mt_shapes.MTShapesConfig(aspect=aspect),
+                             progress=False)
     dialogues = load_dialogues(tmp_path / "train" / "dialogues.jsonl")
     scenes = mt_shapes.load_scenes(tmp_path / "train" / "scenes.jsonl")
-    proc = build_processor(RecipeConfig(family="llava"), tokenizer_from_dialogues(dialogues))
-    return [(d, scenes[d.dialogue_id], dialogue_example(d, proc, scenes[d.dialogue_id], 12)) for d in dialogues], proc
+    cfg = RecipeConfig(family=family)
+    proc = build_processor(cfg, tokenizer_from_dialogues(dialogues))
+    return [(d, scenes[d.dialogue_id], dialogue_example(d, proc, scenes[d.dialogue_id], cfg))
+            for d in dialogues], proc
 
 
 def test_attention_targets_point_at_the_objects_of_each_answer(tmp_path):
@@ -160,7 +165,7 @@ def test_attention_targets_point_at_the_objects_of_each_answer(tmp_path):
             kinds.add(kind)
             named = [w for w in turn.question.lower().replace("?", " ").split() if w in KEY_WORDS]
             for h in range(2):
-                target = ex["attn_target"][t, h]
+                target = ex["attn_target"][t, 0, h]
                 assert abs(float(target.sum()) - 1.0) < 1e-6
                 objects = [scene.objects[i] for i in turn.meta["objects"]]
                 if kind == "rel":
@@ -186,13 +191,18 @@ def test_attention_targets_point_at_the_objects_of_each_answer(tmp_path):
     assert {"count", "rel", "attr"} <= kinds
 
 
-def test_attention_loss_equals_a_plain_computation(tmp_path):
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_attention_loss_equals_a_plain_computation(tmp_path, family):
+    """First layer: key words; each of the last V layers (V = 1 for LLaVA, 2 for LLaVA-NeXT: base then crops):
+    its view's target over [first token, every image token], whatever the dialogue's own number of them."""
     import torch
 
     from infra.reference.recipe import attention_loss, collate
 
-    examples, proc = _mt_shapes_examples(tmp_path, 3)
+    examples, proc = _mt_shapes_examples(tmp_path, 3, family)
     batch = collate([ex for _, _, ex in examples], proc.tokenizer.pad_token_id)
+    views = 1 if family == "llava" else 2
+    assert batch["attn_target"].shape[2] == views
     g = torch.Generator().manual_seed(0)
     b, n = batch["input_ids"].shape
     attentions = tuple(torch.rand(b, 3, n, n, generator=g).softmax(-1) for _ in range(3))
@@ -204,11 +214,44 @@ def test_attention_loss_equals_a_plain_computation(tmp_path):
         for t in range(turns):
             p = int(batch["attn_pos"][i, t])
             for h in range(2):
-                fetch = [attentions[-1][i, h, p, 0]] + [attentions[-1][i, h, p, j] for j in image]
-                total += -sum(float(w) * float(torch.log(a + 1e-6))
-                              for w, a in zip(batch["attn_target"][i, t, h], fetch))
+                for v in range(views):
+                    layer = attentions[3 - views + v]
+                    fetch = [layer[i, h, p, 0]] + [layer[i, h, p, j] for j in image]
+                    total += -sum(float(w) * float(torch.log(a + 1e-6))
+                                  for w, a in zip(batch["attn_target"][i, t, v, h], fetch))
                 words = [w for w in batch["attn_question"][i, t, h].tolist() if w >= 0]
                 total += -sum(float(torch.log(attentions[0][i, h, p, w] + 1e-6)) for w in words) / len(words)
         expected.append(total / turns)
-    got = attention_loss(attentions, batch, image_id, 144)
+    got = attention_loss(attentions, batch, image_id)
     assert abs(float(got) - sum(expected) / len(expected)) < 1e-4
+
+
+def test_next_token_views_place_objects_in_base_and_crops(tmp_path):
+    """LLaVA-NeXT: view 0 marks only base-grid tokens (6 x 6 over the whole image), view 1 only crop tokens (an
+    h x w grid over the whole image, a newline closing each row, never marked); every marked token lies on its
+    object, computed from the scene's geometry, and every object of a turn's answer is marked in both views."""
+    from infra.reference.recipe import RecipeConfig, token_views
+
+    examples, proc = _mt_shapes_examples(tmp_path, 8, "llava_next")
+    cfg = RecipeConfig(family="llava_next")
+    shapes = set()
+    for d, scene, ex in examples:
+        (base, _), (crops, counted) = token_views(scene, proc, cfg)
+        n = len(base)
+        assert ex["attn_target"].shape == (len(d.turns), 2, 2, 1 + n)
+        assert (base[36:] == -1).all() and (crops[:36] == -1).all()
+        # the crop rows: n - 36 tokens = h rows of w tokens + a newline; aspect of h x w = the image's
+        rows = [(h, (n - 36) // h - 1) for h in range(1, n - 35) if (n - 36) % h == 0]
+        h, w = min(rows, key=lambda hw: abs(hw[1] / hw[0] - scene.width / scene.height))
+        shapes.add((h, w))
+        grid = crops[36:].reshape(h, w + 1)
+        assert (grid[:, w] == -1).all()
+        for view, (gh, gw, marks) in (("base", (6, 6, base[:36].reshape(6, 6))), ("crops", (h, w, grid[:, :w]))):
+            for y, x in zip(*np.nonzero(marks >= 0)):
+                o = scene.objects[marks[y, x]]
+                cx, cy = (x + 0.5) * scene.width / gw, (y + 0.5) * scene.height / gh
+                reach = o.radius + 0.75 * max(scene.width / gw, scene.height / gh)
+                assert abs(cx - o.cx) <= reach and abs(cy - o.cy) <= reach, (view, scene.scene_id, o)
+        assert sorted(set(crops[crops >= 0].tolist())) == list(range(len(scene.objects)))
+        assert [crops[p] for p in counted] == list(range(len(scene.objects)))
+    assert len(shapes) >= 2, "the fixture should hold several aspect ratios"

@@ -167,6 +167,27 @@ def label_image(scene) -> Any:
     return Image.fromarray(np.stack([obj, rows, cols], axis=-1).astype(np.uint8), "RGB")
 
 
+def patch_cover(labels: np.ndarray, objects: int, patch: int) -> np.ndarray:
+    """(T, P, objects) share of each patch's pixels that each object covers, from label tiles (T, 3, S, S) (see
+    :func:`label_image`; channel 0 = object index + 1)."""
+    t, _, s, _ = labels.shape
+    g = s // patch
+    obj = labels[:, 0].reshape(t, g, patch, g, patch).transpose(0, 1, 3, 2, 4).reshape(t, g * g, patch * patch)
+    return (obj[..., None] == np.arange(1, objects + 1)).mean(axis=2)
+
+
+def label_tiles(scene, processor) -> tuple[np.ndarray, tuple[int, int]]:
+    """The scene's :func:`label_image` laid out by the model's image processor (nearest resampling): label tiles
+    (T, 3, S, S) int64 and the (height, width) the processor reports for the image."""
+    from PIL import Image
+
+    enc = processor.image_processor(images=[label_image(scene)], return_tensors="np", resample=Image.NEAREST,
+                                    do_rescale=False, do_normalize=False)
+    lab = np.asarray(enc["pixel_values"])
+    size = tuple(int(v) for v in enc["image_sizes"][0]) if "image_sizes" in enc else (scene.height, scene.width)
+    return np.rint(lab.reshape(-1, *lab.shape[-3:])).astype(np.int64), size
+
+
 def patch_targets(labels: np.ndarray, scene, patch: int, min_cover: float = 0.2,
                   position_tiles: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Dense targets for every patch of processed label tiles.
@@ -181,9 +202,8 @@ def patch_targets(labels: np.ndarray, scene, patch: int, min_cover: float = 0.2,
 
     t, _, s, _ = labels.shape
     g = s // patch
-    obj = labels[:, 0].reshape(t, g, patch, g, patch).transpose(0, 1, 3, 2, 4).reshape(t, g * g, patch * patch)
     k = len(scene.objects)
-    cover = (obj[..., None] == np.arange(1, k + 1)).mean(axis=2)  # (T, P, k)
+    cover = patch_cover(labels, k, patch)  # (T, P, k)
     out = {name: np.zeros((t, g * g), np.int64) for name in ("color", "anchor")}
     out |= {name: np.full((t, g * g), IGNORE, np.int64) for name in ("shape", "size")}
     if k:
@@ -214,16 +234,12 @@ def patch_targets(labels: np.ndarray, scene, patch: int, min_cover: float = 0.2,
 def vision_example(image, scene, processor, cfg: RecipeConfig) -> tuple[Any, dict[str, Any]]:
     """(pixel tiles (T, 3, S, S), targets {group: (T, P)}) for one image, through the model's image processor."""
     import torch
-    from PIL import Image
 
-    ip = processor.image_processor
-    pv = ip(images=[image], return_tensors="pt")["pixel_values"]
-    lab = ip(images=[label_image(scene)], return_tensors="np", resample=Image.NEAREST, do_rescale=False,
-             do_normalize=False)["pixel_values"]
-    pv, lab = pv.reshape(-1, *pv.shape[-3:]), np.asarray(lab).reshape(-1, *pv.shape[-3:])
+    pv = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    pv = pv.reshape(-1, *pv.shape[-3:])
     # LLaVA-NeXT: tile 0 is the whole image resized; only it can know where a patch lies in the image.
     position_tiles = None if cfg.family == "llava" else [0]
-    targets = patch_targets(np.rint(lab).astype(np.int64), scene, cfg.patch_size, position_tiles=position_tiles)
+    targets = patch_targets(label_tiles(scene, processor)[0], scene, cfg.patch_size, position_tiles=position_tiles)
     return pv, {k: torch.from_numpy(v) for k, v in targets.items()}
 
 
@@ -338,52 +354,102 @@ def answer_labels(input_ids, tokenizer):
     return labels
 
 
-SUPERVISED_HEADS = 2  # heads 0 and 1 of the first and the last decoder layer (see attention_loss)
+SUPERVISED_HEADS = 2  # heads 0 and 1 of the first layer and of each fetching layer (see attention_loss)
+# A view of the image tokens: (object index per token (n,), -1 = none; one token per object, the one counted).
+TokenView = tuple[np.ndarray, list[int]]
 
 
-def attention_targets(dialogue, scene, grid: int):
-    """(T, 2, 1 + grid**2) float32: for each turn and supervised head, where the answer should look, as a
-    distribution over [first token, patch_0 .. patch_{grid**2 - 1}] of a ``grid x grid`` patching of the whole image.
+def objects_from_cover(cover: np.ndarray, min_cover: float = 0.2) -> TokenView:
+    """A :data:`TokenView` from (n, k) cover shares: a token takes the object covering most of it if that covers
+    ``min_cover`` of it, and each object's best-covered token is its counted one (and takes that object)."""
+    n, k = cover.shape
+    objects = np.full(n, -1, np.int64)
+    if not k:
+        return objects, []
+    best = cover.argmax(axis=1)
+    hit = cover.max(axis=1) >= min_cover
+    objects[hit] = best[hit]
+    counted = [int(cover[:, i].argmax()) for i in range(k)]
+    for i, p in enumerate(counted):
+        if cover[p, i] > 0 and best[p] == i:
+            objects[p] = i
+    return objects, counted
 
-    Both heads look at the patches of the objects the answer depends on (``turn.meta["objects"]``), or entirely at
+
+def token_views(scene, processor, cfg: RecipeConfig) -> list[TokenView]:
+    """Where each object lies among the image tokens, one :data:`TokenView` per fetching layer (the last ones).
+
+    LLaVA: one view, its ``grid x grid`` patches (object under each patch's pixels, counted token under the centre).
+    LLaVA-NeXT: two views over all its tokens (base grid, then the unpadded crop grid with a newline ending each
+    row): the base grid, the only one whose tokens know where they lie in the image (the second-to-last layer
+    fetches the object a region names there), then the crops, at twice the resolution (the last layer fetches the
+    object's shape there, by the colour the layer before brought). Supervising only the base grid left shape
+    questions at 67 %. Crop tokens are laid out by transformers' own ``get_anyres_image_grid_shape`` /
+    ``unpad_image``, as ``pack_image_features`` does."""
+    from pipeline.datasets.mt_shapes import patch_labels
+
+    if cfg.family == "llava":
+        grid = cfg.tile_size // cfg.patch_size
+        objects = patch_labels(scene, grid, grid)["object"].reshape(-1)
+        counted = [int(o.cy * grid / scene.height) * grid + int(o.cx * grid / scene.width) for o in scene.objects]
+        return [(objects, counted)]
+    import torch
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    tiles, size = label_tiles(scene, processor)
+    k, side = len(scene.objects), cfg.tile_size // cfg.patch_size
+    cover = patch_cover(tiles, k, cfg.patch_size)  # (T, side * side, k)
+    base = cover[0]
+    if len(cover) > 1:
+        rows, cols = get_anyres_image_grid_shape(list(size), cfg.grid_pinpoints, cfg.tile_size)
+        grid = torch.from_numpy(cover[1:1 + rows * cols]).reshape(rows, cols, side, side, k)
+        grid = unpad_image(grid.permute(4, 0, 2, 1, 3).reshape(k, rows * side, cols * side), list(size))
+        crops = torch.cat([grid, grid.new_zeros(k, grid.shape[1], 1)], dim=2).reshape(k, -1).T.numpy()
+    else:  # one tile: the base grid and its newline only
+        crops = np.zeros((1, k))
+    on_base = np.concatenate([base, np.zeros_like(crops)])
+    on_crops = np.concatenate([np.zeros_like(base), crops])
+    if len(cover) == 1:
+        return [objects_from_cover(on_base)] * 2
+    return [objects_from_cover(on_base), objects_from_cover(on_crops)]
+
+
+def attention_targets(dialogue, views: Sequence[TokenView]):
+    """(T, V, 2, 1 + n) float32: for each turn, each of the ``V`` views (see :func:`token_views`) and each
+    supervised head, where the answer should look, as a distribution over [first token, image tokens 0 .. n - 1].
+
+    Both heads look at the tokens of the objects the answer depends on (``turn.meta["objects"]``), or entirely at
     the first token (an attention sink) when there are none; a relation splits them (head 0: the object asked about
     first, head 1: the other), so the two positions are not averaged away; a count puts equal weight on the sink and
-    on one patch per object (the one under its centre), so the share left on the sink, 1 / (1 + n), says n. None when
-    a turn lacks ``meta["objects"]``."""
+    on one token per object (its counted one), so the share left on the sink, 1 / (1 + n), says n. None when a turn
+    lacks ``meta["objects"]``."""
     import torch
-
-    from pipeline.datasets.mt_shapes import patch_labels
 
     if any("objects" not in t.meta for t in dialogue.turns):
         return None
-    obj = patch_labels(scene, grid, grid)["object"].reshape(-1)
-
-    def centre(i: int) -> int:
-        o = scene.objects[i]
-        return int(o.cy * grid / scene.height) * grid + int(o.cx * grid / scene.width)
-
-    out = torch.zeros(len(dialogue.turns), SUPERVISED_HEADS, 1 + grid * grid)
+    out = torch.zeros(len(dialogue.turns), len(views), SUPERVISED_HEADS, 1 + len(views[0][0]))
     for t, turn in enumerate(dialogue.turns):
         objects, kind = list(turn.meta["objects"]), str(turn.meta.get("type", ""))
-        for h in range(SUPERVISED_HEADS):
-            row = out[t, h]
-            if kind.startswith("count"):
-                row[[0] + [1 + centre(i) for i in objects]] = 1.0
-            else:
-                mine = objects[h:h + 1] if kind.startswith("rel") and len(objects) == 2 else objects
-                hit = torch.from_numpy(np.isin(obj, mine))
-                row[1:][hit] = 1.0
-                if not hit.any():
-                    row[0] = 1.0
-            row /= row.sum()
+        for v, (token_object, counted) in enumerate(views):
+            for h in range(SUPERVISED_HEADS):
+                row = out[t, v, h]
+                if kind.startswith("count"):
+                    row[[0] + [1 + counted[i] for i in objects]] = 1.0
+                else:
+                    mine = objects[h:h + 1] if kind.startswith("rel") and len(objects) == 2 else objects
+                    hit = torch.from_numpy(np.isin(token_object, mine))
+                    row[1:][hit] = 1.0
+                    if not hit.any():
+                        row[0] = 1.0
+                row /= row.sum()
     return out
 
 
-def dialogue_example(dialogue, processor, scene=None, grid: int = 0) -> dict[str, Any]:
+def dialogue_example(dialogue, processor, scene=None, cfg: RecipeConfig | None = None) -> dict[str, Any]:
     """Model inputs of one whole dialogue with answer-only labels (first reference answer of each turn). With an
-    MT-Shapes ``scene`` and the ``grid`` of patches that covers the whole image (LLaVA: the image; LLaVA-NeXT: its
-    base tile), also ``attn_pos`` (T,), the position that predicts each turn's first answer token, and
-    ``attn_target`` (see :func:`attention_targets`)."""
+    MT-Shapes ``scene`` and the recipe ``cfg``, also ``attn_pos`` (T,), the position that predicts each turn's first
+    answer token, ``attn_target`` (see :func:`attention_targets`) and ``attn_question`` (see
+    :func:`key_word_positions`)."""
     import torch
     from PIL import Image
 
@@ -392,7 +458,15 @@ def dialogue_example(dialogue, processor, scene=None, grid: int = 0) -> dict[str
         enc = processor(images=[im.convert("RGB")], text=[text], return_tensors="pt")
     ex = {k: v[0] for k, v in enc.items() if k in ("input_ids", "pixel_values", "image_sizes")}
     ex["labels"] = answer_labels(ex["input_ids"], processor.tokenizer)
-    target = attention_targets(dialogue, scene, grid) if scene is not None and grid else None
+    if scene is None or cfg is None:
+        return ex
+    views = token_views(scene, processor, cfg)
+    image_tokens = int((ex["input_ids"] == processor.tokenizer.convert_tokens_to_ids(processor.image_token)).sum())
+    if len(views[0][0]) != image_tokens:
+        raise ValueError(f"{dialogue.image}: {image_tokens} image tokens in the prompt but the token views of "
+                         f"scene {scene.scene_id} cover {len(views[0][0])}; the recipe's layout does not match the "
+                         "processor's")
+    target = attention_targets(dialogue, views)
     if target is not None:
         answer = ex["labels"] != IGNORE
         before = torch.cat([answer.new_zeros(1), answer[:-1]])
@@ -425,40 +499,47 @@ def key_word_positions(input_ids, answer_pos, tokenizer, relation: Sequence[bool
     return torch.tensor([[w + [-1] * (width - len(w)) for w in r] for r in rows], dtype=torch.long)
 
 
-def attention_loss(attentions, batch: dict[str, Any], image_token_id: int, patches: int):
+def attention_loss(attentions, batch: dict[str, Any], image_token_id: int):
     """Where the answers should look, as cross-entropies at each answer-predicting position, for heads 0 and 1:
 
     - head h of the first layer against a uniform distribution over the turn's key words for h (it gathers what is
       asked and where: "colour", "top left", "red circle"; see :func:`key_word_positions`);
-    - head h of the last layer against :func:`attention_targets` for h over [first token, the first ``patches``
-      image tokens] (it fetches the objects that answer it).
+    - head h of each of the last ``V`` layers against :func:`attention_targets` for its view and h over [first
+      token, the image tokens] (they fetch the objects that answer it).
 
-    Supervising both hops makes each a one-step lookup, which small decoders learn within a few hundred steps;
+    Supervising every hop makes each a one-step lookup, which small decoders learn within a few hundred steps;
     from answer tokens alone they sat at chance for thousands. ``attentions``: the model's per-layer (B, H, L, L)
-    tuple; ``batch`` holds ``input_ids``, ``attn_pos`` (B, T; -1 = no turn), ``attn_target`` (B, T, 2, 1 + patches)
-    and ``attn_question`` (B, T, 2, W; key-word positions, -1 padded). Returns the mean over dialogues of the mean
-    over turns of the sum over the four supervised heads."""
+    tuple; ``batch`` holds ``input_ids``, ``attn_pos`` (B, T; -1 = no turn), ``attn_target`` (B, T, V, 2, 1 + n;
+    zero-padded past a dialogue's own image tokens) and ``attn_question`` (B, T, 2, W; key-word positions, -1
+    padded). Returns the mean over dialogues of the mean over turns of the sum over the supervised heads."""
     import torch
 
-    first, last = attentions[0], attentions[-1]  # (B, H, L, L)
-    losses = []
-    for b in range(last.shape[0]):
-        turns = batch["attn_pos"][b] >= 0
-        if not turns.any():
-            continue
-        pos = batch["attn_pos"][b][turns]
-        image = (batch["input_ids"][b] == image_token_id).nonzero().flatten()[:patches]
-        cols = torch.cat([image.new_zeros(1), image])
-        loss = last.new_zeros(())
-        for h in range(SUPERVISED_HEADS):
-            fetch = last[b, h, pos][:, cols]  # (T, 1 + patches)
-            loss = loss - (batch["attn_target"][b][turns][:, h] * torch.log(fetch + 1e-6)).sum(-1).mean()
-            for p, words in zip(pos.tolist(), batch["attn_question"][b][turns][:, h]):
-                words = words[words >= 0]
-                if len(words):
-                    loss = loss - torch.log(first[b, h, p, words] + 1e-6).mean() / len(pos)
-        losses.append(loss)
-    return torch.stack(losses).mean() if losses else last.new_zeros(())
+    views = batch["attn_target"].shape[2]
+    turns = batch["attn_pos"] >= 0  # (B, T)
+    n_turns = turns.sum(1)
+    rows = batch["attn_pos"].clamp(min=0)
+
+    def at(layer, cols):  # layer (B, H, L, L), cols (B, 2, T, W) -> (B, 2, T, W): heads 0/1 at each answer row
+        a = layer[:, :SUPERVISED_HEADS]
+        a = a.gather(2, rows[:, None, :, None].expand(-1, a.shape[1], -1, a.shape[3]))
+        return a.gather(3, cols)
+
+    # Columns: the first token, then each dialogue's image tokens in order (padded with column 0 at weight 0).
+    is_image = batch["input_ids"] == image_token_id
+    b, t, _, _, width = batch["attn_target"].shape
+    order = torch.sort((~is_image).to(torch.int8), dim=1, stable=True).indices[:, :width - 1]
+    image_cols = torch.where(torch.gather(is_image, 1, order), order, 0)
+    cols = torch.cat([image_cols.new_zeros(b, 1), image_cols], dim=1)[:, None, None].expand(-1, SUPERVISED_HEADS, t, -1)
+    target = batch["attn_target"].permute(0, 2, 3, 1, 4)  # (B, V, 2, T, W)
+    fetch = torch.stack([at(layer, cols) for layer in attentions[len(attentions) - views:]], 1)
+    per_turn = -(target * torch.log(fetch + 1e-6)).sum(-1).sum((1, 2))  # (B, T)
+    words = batch["attn_question"].transpose(1, 2)  # (B, 2, T, K)
+    has = words >= 0
+    gathered = torch.log(at(attentions[0], words.clamp(min=0)) + 1e-6)
+    per_turn = per_turn - ((gathered * has).sum(-1) / has.sum(-1).clamp(min=1)).sum(1)
+    loss = (per_turn * turns).sum(1) / n_turns.clamp(min=1)
+    live = n_turns > 0
+    return loss[live].mean() if live.any() else loss.new_zeros(())
 
 
 def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -482,12 +563,13 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     if all("attn_pos" in e for e in examples):
         turns = max(len(e["attn_pos"]) for e in examples)
         batch["attn_pos"] = torch.full((len(examples), turns), -1, dtype=torch.long)
-        batch["attn_target"] = torch.zeros(len(examples), turns, *examples[0]["attn_target"].shape[1:])
+        width = max(e["attn_target"].shape[-1] for e in examples)
+        batch["attn_target"] = torch.zeros(len(examples), turns, *examples[0]["attn_target"].shape[1:-1], width)
         words = max(e["attn_question"].shape[-1] for e in examples)
         batch["attn_question"] = torch.full((len(examples), turns, SUPERVISED_HEADS, words), -1, dtype=torch.long)
         for b, e in enumerate(examples):
             batch["attn_pos"][b, :len(e["attn_pos"])] = e["attn_pos"]
-            batch["attn_target"][b, :len(e["attn_target"])] = e["attn_target"]
+            batch["attn_target"][b, :len(e["attn_target"]), ..., :e["attn_target"].shape[-1]] = e["attn_target"]
             batch["attn_question"][b, :len(e["attn_question"]), :, :e["attn_question"].shape[-1]] = e["attn_question"]
     return batch
 
@@ -530,7 +612,6 @@ def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfi
     cache: dict[int, dict[str, Any]] = {}
     rng = random.Random(cfg.seed + 1)
     curve: list[dict[str, Any]] = []
-    grid = cfg.tile_size // cfg.patch_size
     supervise = bool(scenes) and cfg.attention_weight > 0
     if supervise:
         model.set_attn_implementation("eager")  # attention weights are only materialised by eager attention
@@ -543,7 +624,7 @@ def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfi
                 scene = (scenes or {}).get(dialogues[i].meta.get("scene_id", dialogues[i].dialogue_id))
                 if scene is not None and cfg.family == "llava" and scene.width != scene.height:
                     scene = None  # the centre crop would cut the image: the patch grid would not cover it
-                cache[i] = dialogue_example(dialogues[i], processor, scene, grid)
+                cache[i] = dialogue_example(dialogues[i], processor, scene, cfg)
         batch = {k: v.to(device) for k, v in collate([cache[i] for i in idx], pad_id).items()}
         for gr in opt.param_groups:
             gr["lr"] = cfg.stage2_lr * gr["scale"] * _schedule(step, cfg.stage2_steps, cfg.warmup)
@@ -551,8 +632,7 @@ def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfi
         supervised = supervise and "attn_pos" in batch
         out = model(**inputs, output_attentions=supervised)
         loss = out.loss
-        att_loss = attention_loss(out.attentions, batch, model.config.image_token_id, grid * grid) \
-            if supervised else None
+        att_loss = attention_loss(out.attentions, batch, model.config.image_token_id) if supervised else None
         total = loss if att_loss is None else loss + cfg.attention_weight * att_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -744,9 +824,12 @@ def model_card(summary: dict[str, Any], command: str) -> str:
              f"- Stage 2: {cfg['stage2_steps']} steps (batch {cfg['stage2_batch']}, lr {cfg['stage2_lr']}, "
              "tower frozen) "
              "on whole dialogues, answer-only loss plus attention supervision (weight "
-             f"{cfg.get('attention_weight', 0)}: two heads of the first layer gather the question's key words, two "
-             "of the last fetch the patches of the objects the answer depends on), projector warm-started from the "
-             "stage-1 head, decoder init std 1/sqrt(width).",
+             f"{cfg.get('attention_weight', 0)}: two heads of the first layer gather the question's key words, "
+             + ("two of the last fetch the patches of the objects the answer depends on"
+                if summary["family"] == "llava" else
+                "two of the second-to-last layer fetch the objects the answer depends on in the base grid (the "
+                "only tokens that know where they lie), two of the last the same objects among the crop tokens")
+             + "), projector warm-started from the stage-1 head, decoder init std 1/sqrt(width).",
              f"- Training dialogues: {summary['train_dialogues']} from `{summary['dialogues']}`.", "",
              "## Command", "```", command, "```", "",
              f"Wall time: {summary['train_s'] / 60:.1f} min training on {summary['device']} "

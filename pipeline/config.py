@@ -201,6 +201,11 @@ def _check_value(value, hint, key: str):
         return _build(hint, value, key)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot in the mantissa) as a string
+            return float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value

@@ -44,6 +44,9 @@ def test_ints_are_accepted_for_floats_and_overrides_apply(tmp_path):
     config = load_config(write(tmp_path, {"train": {"lr": 1}}), overrides={"train.epochs": 3})
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
     assert config.train.epochs == 3
+    # YAML 1.1 reads 3e-4 as a string; a float field takes it as the number it spells
+    (tmp_path / "e.yaml").write_text("train:\n  lr: 3e-4\n")
+    assert load_config(tmp_path / "e.yaml").train.lr == 0.0003
 
 
 def test_section_hash_changes_only_with_its_sections():

@@ -1,0 +1,92 @@
+"""How much a reference LLaVA loses when visual tokens are removed before its LLM, even when the right ones are kept.
+
+    python -m infra.reference.robustness --model infra/reference/llava \\
+        --dialogues work/tprl/data/mt-shapes/test/dialogues.jsonl --keep 48 --limit 150
+
+For each dialogue's first question it keeps ``--keep`` of the visual tokens chosen three ways: the object oracle
+(the patches of the objects the answer depends on, read from the MT-Shapes scene, then evenly spaced ones), the
+oracle's object patches alone topped up with evenly spaced ones only, and Sample (evenly spaced). The kept tokens are
+compacted, as every reducer before the LLM does, and the model answers greedily. The accuracy per question type is
+the ceiling that any pre-LLM pruner (TPRL, Sample, MetaCompress) has on that model at that budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def rankings(objects: np.ndarray, asked: list[int], keep: int) -> dict[str, np.ndarray]:
+    """Priorities over the n patches (higher = kept first; ties keep the lower index). ``objects`` (n,): object index
+    under each patch (-1: none); ``asked``: the objects the answer depends on."""
+    n = len(objects)
+    sample = np.zeros(n)
+    sample[np.round(np.linspace(0, n - 1, min(keep, n))).astype(int)] = 0.5
+    mine = np.isin(objects, asked)
+    return {"object oracle": np.where(mine, 3.0, np.where(objects >= 0, 2.0, 0.0)) + sample,
+            "asked objects only": np.where(mine, 3.0, 0.0) + sample,
+            "sample": sample}
+
+
+def first_turn_accuracy(model_dir: str | Path, dialogues_path: str | Path, keep: int, limit: int | None = None
+                        ) -> dict[str, dict[str, float]]:
+    """{ranking: {question type or "all": accuracy in percent}} on the first turn of each dialogue."""
+    import torch
+
+    from compress.lvlm import load_adapter
+    from compress.lvlm.base import EncodedImage
+    from compress.lvlm.session import BatchChatSession
+    from infra.reference.recipe import scenes_for
+    from pipeline.datasets.mt_shapes import patch_labels
+    from pipeline.dialogues import load_dialogues
+    from pipeline.metrics import exact_match
+
+    adapter = load_adapter(model_dir)
+    if adapter.family != "llava":
+        raise ValueError(f"{model_dir}: the object oracle maps scenes onto a LLaVA patch grid; got {adapter.family}")
+    scenes = scenes_for(dialogues_path)
+    if not scenes:
+        raise ValueError(f"{dialogues_path}: no scenes.jsonl beside it; the object oracle needs MT-Shapes scenes")
+    hits: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for d in load_dialogues(dialogues_path)[:limit]:
+        scene, turn = scenes[d.meta.get("scene_id", d.dialogue_id)], d.turns[0]
+        with torch.no_grad():
+            encoded = adapter.features(adapter.prepare(d.image))
+            segment = encoded.layout.segments[0]
+            objects = patch_labels(scene, segment.height, segment.width)["object"].reshape(-1)
+            images = {"all tokens": encoded.tokens}
+            for name, priority in rankings(objects, list(turn.meta["objects"]), keep).items():
+                kept = torch.from_numpy(np.argsort(-priority, kind="stable")[:keep]).sort().values
+                images[name] = encoded.tokens[kept]
+            session = BatchChatSession(adapter, "full", max_new_tokens=4)
+            session.set_images([EncodedImage(x, encoded.layout, None, (0, 0)) for x in images.values()])
+            replies = session.ask([turn.question] * len(images))
+        for name, reply in zip(images, replies):
+            ok = exact_match(reply.answer, list(turn.answers))
+            hits[name]["all"].append(ok)
+            hits[name][str(turn.meta.get("type", "?"))].append(ok)
+    return {name: {k: 100.0 * sum(v) / len(v) for k, v in sorted(by.items())} for name, by in hits.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m infra.reference.robustness", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="infra/reference/llava")
+    p.add_argument("--dialogues", required=True, help="MT-Shapes dialogues.jsonl (scenes.jsonl beside it)")
+    p.add_argument("--keep", type=int, default=48, help="visual tokens kept (48 of 144 = 66.7 %% removed)")
+    p.add_argument("--limit", type=int, default=None, help="first N dialogues only")
+    args = p.parse_args(argv)
+    table = first_turn_accuracy(args.model, args.dialogues, args.keep, args.limit)
+    types = list(next(iter(table.values())))
+    print("| kept tokens | " + " | ".join(types) + " |")
+    print("|---|" + "---:|" * len(types))
+    for name, by in table.items():
+        print(f"| {name} | " + " | ".join(f"{by.get(t, float('nan')):.1f}" for t in types) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -34,7 +34,7 @@ def _build(args: argparse.Namespace) -> int:
     cfg = RecipeConfig(family=args.family, seed=args.seed, stage2_steps=args.steps, stage1_steps=args.stage1_steps,
                        stage2_batch=args.batch, stage2_lr=args.lr, max_train=args.max_train,
                        text_layers=args.text_layers,
-                       attention_weight=args.attention_weight,
+                       attention_weight=args.attention_weight, token_drop=args.token_drop,
                        vision_hidden=args.vision_hidden, log_every=args.log_every)
     if args.device == "cuda":
         import torch
@@ -71,6 +71,9 @@ def register(subparsers) -> None:
     b.add_argument("--lr", type=float, default=1e-3, help="stage-2 learning rate (see RecipeConfig.stage2_lr)")
     b.add_argument("--attention-weight", type=float, default=1.0,
                    help="weight of the attention supervision on MT-Shapes (where each answer should look); 0: off")
+    b.add_argument("--token-drop", type=float, default=0.0,
+                   help="share of MT-Shapes training dialogues whose visual tokens are thinned to a random 10-100 %% "
+                        "(the ones their answers depend on always kept), so the model survives token reduction")
     b.add_argument("--text-layers", type=int, default=3)
     b.add_argument("--vision-hidden", type=int, default=64)
     b.add_argument("--max-train", type=int, default=None, help="use only the first N training dialogues")

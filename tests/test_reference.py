@@ -255,3 +255,53 @@ def test_next_token_views_place_objects_in_base_and_crops(tmp_path):
         assert sorted(set(crops[crops >= 0].tolist())) == list(range(len(scene.objects)))
         assert [crops[p] for p in counted] == list(range(len(scene.objects)))
     assert len(shapes) >= 2, "the fixture should hold several aspect ratios"
+
+
+def test_dropped_image_tokens_keep_answers_and_targets_in_place(tmp_path):
+    """Thinning an example's image tokens: the prompt is the original minus the dropped image tokens, the answer
+    positions still sit on the ':' before each answer, the key words are the same words, and each target keeps its
+    distribution over the kept tokens (it pointed at nothing else)."""
+    import random
+
+    import torch
+
+    from infra.reference.recipe import thin_tokens
+
+    examples, proc = _mt_shapes_examples(tmp_path, 4)
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    rng = random.Random(0)
+    for _, _, ex in examples:
+        thin = thin_tokens(ex, rng, image_id)
+        keep = thin["kept"].tolist()
+        assert keep == sorted(set(keep)) and len(keep) < 144
+        image = [i for i, t in enumerate(ex["input_ids"].tolist()) if t == image_id]
+        dropped = {image[i] for i in range(144) if i not in keep}
+        expect = [t for i, t in enumerate(ex["input_ids"].tolist()) if i not in dropped]
+        assert thin["input_ids"].tolist() == expect
+        assert thin["labels"][thin["labels"] != -100].tolist() == ex["labels"][ex["labels"] != -100].tolist()
+        for t in range(len(ex["attn_pos"])):
+            assert int(thin["input_ids"][thin["attn_pos"][t]]) == int(ex["input_ids"][ex["attn_pos"][t]])
+            words = ex["attn_question"][t][ex["attn_question"][t] >= 0]
+            thin_words = thin["attn_question"][t][thin["attn_question"][t] >= 0]
+            assert thin["input_ids"][thin_words].tolist() == ex["input_ids"][words].tolist()
+        full = ex["attn_target"][..., [0] + [k + 1 for k in keep]]
+        assert torch.equal(thin["attn_target"], full) and torch.allclose(full.sum(-1), torch.ones(()))
+
+
+def test_forward_with_every_token_kept_equals_the_model(tmp_path):
+    import torch
+
+    from infra.reference.recipe import RecipeConfig, build_model, collate, forward_kept
+
+    examples, proc = _mt_shapes_examples(tmp_path, 2)
+    tok = proc.tokenizer
+    cfg = RecipeConfig(family="llava", vision_hidden=32, text_hidden=64, text_intermediate=128)
+    torch.manual_seed(0)
+    model = build_model(cfg, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, tok.bos_token_id,
+                        tok.eos_token_id).eval()
+    batch = collate([ex for _, _, ex in examples], tok.pad_token_id)
+    inputs = {k: v for k, v in batch.items() if not k.startswith("attn_")}
+    with torch.no_grad():
+        expected = model(**inputs)
+        got = forward_kept(model, inputs, [torch.arange(144)] * 2)
+    assert torch.allclose(got.logits, expected.logits, atol=1e-5) and torch.allclose(got.loss, expected.loss)

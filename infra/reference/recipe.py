@@ -78,6 +78,10 @@ class RecipeConfig:
     vision_lr_scale: float = 0.0
     # Weight of the attention supervision (:func:`attention_loss`); 0 turns it off.
     attention_weight: float = 1.0
+    # Share of supervised training dialogues whose visual tokens are thinned to a random 10-100 %, always keeping the
+    # tokens their answers depend on (:func:`drop_image_tokens`), so the decoder does not read the scene from token
+    # positions that any pre-LLM reducer moves. 0: off.
+    token_drop: float = 0.0
     weight_decay: float = 0.01
     seed: int = 0
     max_train: int | None = None
@@ -574,6 +578,58 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     return batch
 
 
+def drop_image_tokens(ex: dict[str, Any], keep, image_token_id: int) -> dict[str, Any]:
+    """The supervised example ``ex`` (see :func:`dialogue_example`) with only its image tokens ``keep`` (sorted
+    indices into its n image tokens, which sit before every question): ``input_ids`` / ``labels`` lose the others,
+    ``attn_pos`` / ``attn_question`` shift left by the number removed, ``attn_target`` keeps [first token] + the kept
+    columns. ``kept`` records ``keep`` for :func:`forward_kept`. ``keep`` must hold every token a target points at."""
+    import torch
+
+    ids = ex["input_ids"]
+    image = (ids == image_token_id).nonzero().flatten()
+    removed = torch.ones(len(image), dtype=torch.bool)
+    removed[keep] = False
+    stay = torch.ones(len(ids), dtype=torch.bool)
+    stay[image[removed]] = False
+    shift, end = int(removed.sum()), int(image[-1])
+    columns = torch.cat([keep.new_zeros(1), keep + 1])
+    target = ex["attn_target"][..., columns]
+    if not torch.allclose(target.sum(-1), ex["attn_target"].sum(-1)):
+        raise ValueError("drop_image_tokens: keep must hold every image token an attention target points at")
+    question = ex["attn_question"]
+    return ex | {"input_ids": ids[stay], "labels": ex["labels"][stay], "attn_pos": ex["attn_pos"] - shift,
+                 "attn_question": torch.where(question > end, question - shift, question), "attn_target": target,
+                 "kept": keep}
+
+
+def thin_tokens(ex: dict[str, Any], rng: random.Random, image_token_id: int) -> dict[str, Any]:
+    """:func:`drop_image_tokens` keeping a random 10-100 % of the image tokens, among them every one the example's
+    attention targets point at (the objects its answers depend on), the rest drawn uniformly."""
+    import torch
+
+    n = int((ex["input_ids"] == image_token_id).sum())
+    needed = set((ex["attn_target"][..., 1:].flatten(0, -2).sum(0) > 0).nonzero().flatten().tolist())
+    others = [i for i in range(n) if i not in needed]
+    k = max(len(needed), round(rng.uniform(0.1, 1.0) * n))
+    keep = sorted(needed | set(rng.sample(others, k - len(needed))))
+    return drop_image_tokens(ex, torch.tensor(keep, dtype=torch.long), image_token_id)
+
+
+def forward_kept(model, inputs: dict[str, Any], kept: Sequence[Any], **kwargs):
+    """``model(**inputs)`` where dialogue b's prompt holds only the image tokens ``kept[b]`` (indices into the
+    features its image gives): the tower and projector run on the whole image, the kept features fill the image
+    positions of ``inputs_embeds``."""
+    import torch
+
+    extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+    features = model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra).pooler_output
+    rows = torch.cat([f[k.to(f.device)] for f, k in zip(features, kept)])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    mask = (inputs["input_ids"] == model.config.image_token_id)[..., None]
+    embeds = embeds.masked_scatter(mask, rows.to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=inputs["labels"], **kwargs)
+
+
 def warm_start_projector(model, head) -> None:
     """Copy the stage-1 head into the first rows of the projector's first linear layer, so that from the first
     stage-2 step part of every visual token is the tower's class evidence (colour, shape, size, anchor, region)
@@ -615,6 +671,8 @@ def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfi
     supervise = bool(scenes) and cfg.attention_weight > 0
     if supervise:
         model.set_attn_implementation("eager")  # attention weights are only materialised by eager attention
+    drop_rng = random.Random(cfg.seed + 2)  # its own stream: token_drop=0 leaves the batches as they were
+    image_id = model.config.image_token_id
     t0, run_loss, run_att, run_n = time.time(), 0.0, 0.0, 0
     for step in range(cfg.stage2_steps):
         model.train()
@@ -625,14 +683,22 @@ def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfi
                 if scene is not None and cfg.family == "llava" and scene.width != scene.height:
                     scene = None  # the centre crop would cut the image: the patch grid would not cover it
                 cache[i] = dialogue_example(dialogues[i], processor, scene, cfg)
-        batch = {k: v.to(device) for k, v in collate([cache[i] for i in idx], pad_id).items()}
+        examples = [cache[i] for i in idx]
+        if cfg.token_drop > 0:
+            examples = [thin_tokens(e, drop_rng, image_id) if "attn_pos" in e and drop_rng.random() < cfg.token_drop
+                        else e for e in examples]
+        batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
         for gr in opt.param_groups:
             gr["lr"] = cfg.stage2_lr * gr["scale"] * _schedule(step, cfg.stage2_steps, cfg.warmup)
         inputs = {k: v for k, v in batch.items() if not k.startswith("attn_")}
         supervised = supervise and "attn_pos" in batch
-        out = model(**inputs, output_attentions=supervised)
+        if any("kept" in e for e in examples):
+            kept = [e.get("kept", torch.arange(int((e["input_ids"] == image_id).sum()))) for e in examples]
+            out = forward_kept(model, inputs, kept, output_attentions=supervised)
+        else:
+            out = model(**inputs, output_attentions=supervised)
         loss = out.loss
-        att_loss = attention_loss(out.attentions, batch, model.config.image_token_id) if supervised else None
+        att_loss = attention_loss(out.attentions, batch, image_id) if supervised else None
         total = loss if att_loss is None else loss + cfg.attention_weight * att_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -829,11 +895,14 @@ def model_card(summary: dict[str, Any], command: str) -> str:
                 if summary["family"] == "llava" else
                 "two of the second-to-last layer fetch the objects the answer depends on in the base grid (the "
                 "only tokens that know where they lie), two of the last the same objects among the crop tokens")
-             + "), projector warm-started from the stage-1 head, decoder init std 1/sqrt(width).",
+             + "), projector warm-started from the stage-1 head, decoder init std 1/sqrt(width)."
+             + (f" {cfg['token_drop']:.0%} of the dialogues see only a random 10-100 % of their visual tokens (always "
+                "those the answers depend on), so the decoder survives token reduction."
+                if cfg.get("token_drop") else ""),
              f"- Training dialogues: {summary['train_dialogues']} from `{summary['dialogues']}`.", "",
              "## Command", "```", command, "```", "",
              f"Wall time: {summary['train_s'] / 60:.1f} min training on {summary['device']} "
-             f"({summary['threads']} torch thread(s) on a 2-core machine shared with another training run).", ""]
+             f"({summary['threads']} torch thread(s) on a 2-core machine that other jobs shared).", ""]
     test = summary.get("test")
     if test:
         turns = [k for k in test if k.startswith("Acc_")]

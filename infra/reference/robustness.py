@@ -3,11 +3,13 @@
     python -m infra.reference.robustness --model infra/reference/llava \\
         --dialogues work/tprl/data/mt-shapes/test/dialogues.jsonl --keep 48 --limit 150
 
-For each dialogue's first question it keeps ``--keep`` of the visual tokens chosen three ways: the object oracle
-(the patches of the objects the answer depends on, read from the MT-Shapes scene, then evenly spaced ones), the
-oracle's object patches alone topped up with evenly spaced ones only, and Sample (evenly spaced). The kept tokens are
-compacted, as every reducer before the LLM does, and the model answers greedily. The accuracy per question type is
-the ceiling that any pre-LLM pruner (TPRL, Sample, MetaCompress) has on that model at that budget.
+For each dialogue's first question it keeps ``--keep`` of the visual tokens chosen four ways: the object oracle
+(the patches of the objects the answer depends on, read from the MT-Shapes scene, then those of the other objects,
+then evenly spaced ones), the asked objects' patches topped up with evenly spaced ones only, TPRL's teacher (the
+attention the question gives each token, mean over heads, text tokens and layers) and Sample (evenly spaced). The
+kept tokens are compacted, as every reducer before the LLM does, and the model answers greedily. The oracles' accuracy
+per question type is the ceiling that any pre-LLM pruner (TPRL, Sample, MetaCompress) has on that model at that
+budget.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def first_turn_accuracy(model_dir: str | Path, dialogues_path: str | Path, keep:
     """{ranking: {question type or "all": accuracy in percent}} on the first turn of each dialogue."""
     import torch
 
+    from compress.analysis import prompt_attention
     from compress.lvlm import load_adapter
     from compress.lvlm.base import EncodedImage
     from compress.lvlm.session import BatchChatSession
@@ -58,7 +61,11 @@ def first_turn_accuracy(model_dir: str | Path, dialogues_path: str | Path, keep:
             segment = encoded.layout.segments[0]
             objects = patch_labels(scene, segment.height, segment.width)["object"].reshape(-1)
             images = {"all tokens": encoded.tokens}
-            for name, priority in rankings(objects, list(turn.meta["objects"]), keep).items():
+            layers = list(range(adapter.text_config.num_hidden_layers))
+            teacher = prompt_attention(adapter, encoded.tokens, turn.question, layers).prompt_scores()
+            priorities = rankings(objects, list(turn.meta["objects"]), keep)
+            priorities["prompt attention (TPRL's teacher)"] = teacher.float().cpu().numpy()
+            for name, priority in priorities.items():
                 kept = torch.from_numpy(np.argsort(-priority, kind="stable")[:keep]).sort().values
                 images[name] = encoded.tokens[kept]
             session = BatchChatSession(adapter, "full", max_new_tokens=4)

@@ -902,7 +902,7 @@ def model_card(summary: dict[str, Any], command: str) -> str:
              f"- Training dialogues: {summary['train_dialogues']} from `{summary['dialogues']}`.", "",
              "## Command", "```", command, "```", "",
              f"Wall time: {summary['train_s'] / 60:.1f} min training on {summary['device']} "
-             f"({summary['threads']} torch thread(s) on a 2-core machine that other jobs shared).", ""]
+             f"({summary['threads']} torch thread(s)).", ""]
     test = summary.get("test")
     if test:
         turns = [k for k in test if k.startswith("Acc_")]

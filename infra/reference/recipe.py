@@ -16,7 +16,9 @@ end to end from answer tokens alone is what is slow (a naive recipe stayed at ch
    also told where to look (:func:`attention_loss`): one gathers the question's key words, one fetches the patches
    of the objects the answer depends on (the generator knows them). Without that, and with Llama's default init
    std (0.02, made for widths of thousands), the decoder sat at chance for thousands of steps; with both, it
-   leaves chance within a few hundred.
+   leaves chance within a few hundred. With ``token_drop`` a share of the dialogues sees only some of its visual
+   tokens (always those the answers depend on), so the decoder does not read the scene from token positions, which
+   every reducer before the LLM moves.
 
 Evaluation (:func:`evaluate`) is the multi-turn protocol: greedy ``generate`` with the full image, the model's own
 answers in the history, exact match per turn. Everything is saved as a plain local HF directory that

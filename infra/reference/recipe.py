@@ -406,18 +406,14 @@ def token_views(scene, processor, cfg: RecipeConfig) -> list[TokenView]:
     k, side = len(scene.objects), cfg.tile_size // cfg.patch_size
     cover = patch_cover(tiles, k, cfg.patch_size)  # (T, side * side, k)
     base = cover[0]
-    if len(cover) > 1:
-        rows, cols = get_anyres_image_grid_shape(list(size), cfg.grid_pinpoints, cfg.tile_size)
-        grid = torch.from_numpy(cover[1:1 + rows * cols]).reshape(rows, cols, side, side, k)
-        grid = unpad_image(grid.permute(4, 0, 2, 1, 3).reshape(k, rows * side, cols * side), list(size))
-        crops = torch.cat([grid, grid.new_zeros(k, grid.shape[1], 1)], dim=2).reshape(k, -1).T.numpy()
-    else:  # one tile: the base grid and its newline only
-        crops = np.zeros((1, k))
-    on_base = np.concatenate([base, np.zeros_like(crops)])
-    on_crops = np.concatenate([np.zeros_like(base), crops])
-    if len(cover) == 1:
-        return [objects_from_cover(on_base)] * 2
-    return [objects_from_cover(on_base), objects_from_cover(on_crops)]
+    if len(cover) == 1:  # one tile: the base grid and its newline only, seen by both fetching layers
+        return [objects_from_cover(np.concatenate([base, np.zeros((1, k))]))] * 2
+    rows, cols = get_anyres_image_grid_shape(list(size), cfg.grid_pinpoints, cfg.tile_size)
+    grid = torch.from_numpy(cover[1:1 + rows * cols]).reshape(rows, cols, side, side, k)
+    grid = unpad_image(grid.permute(4, 0, 2, 1, 3).reshape(k, rows * side, cols * side), list(size))
+    crops = torch.cat([grid, grid.new_zeros(k, grid.shape[1], 1)], dim=2).reshape(k, -1).T.numpy()
+    return [objects_from_cover(np.concatenate([base, np.zeros_like(crops)])),
+            objects_from_cover(np.concatenate([np.zeros_like(base), crops]))]
 
 
 def attention_targets(dialogue, views: Sequence[TokenView]):
@@ -535,7 +531,8 @@ def attention_loss(attentions, batch: dict[str, Any], image_token_id: int):
     b, t, _, _, width = batch["attn_target"].shape
     order = torch.sort((~is_image).to(torch.int8), dim=1, stable=True).indices[:, :width - 1]
     image_cols = torch.where(torch.gather(is_image, 1, order), order, 0)
-    cols = torch.cat([image_cols.new_zeros(b, 1), image_cols], dim=1)[:, None, None].expand(-1, SUPERVISED_HEADS, t, -1)
+    cols = torch.cat([image_cols.new_zeros(b, 1), image_cols], dim=1)
+    cols = cols[:, None, None].expand(-1, SUPERVISED_HEADS, t, -1)
     target = batch["attn_target"].permute(0, 2, 3, 1, 4)  # (B, V, 2, T, W)
     fetch = torch.stack([at(layer, cols) for layer in attentions[len(attentions) - views:]], 1)
     per_turn = -(target * torch.log(fetch + 1e-6)).sum(-1).sum((1, 2))  # (B, T)

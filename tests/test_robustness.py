@@ -12,8 +12,8 @@ def test_rankings_keep_asked_objects_then_others_then_evenly_spaced():
     order = {k: np.argsort(-v, kind="stable")[:5].tolist() for k, v in rankings(objects, [1], 5).items()}
     assert order["object oracle"][:1] == [4]  # the asked object first
     assert sorted(order["object oracle"][1:4]) == [1, 2, 6]  # then the other objects
-    assert order["sample"] == [0, 2, 4, 7, 9]  # round(linspace(0, 9, 5)), half to even
-    assert order["asked objects only"] == [4, 0, 2, 7, 9]  # the asked object, then the evenly spaced ones
+    assert order["sample"] == [1, 3, 5, 7, 9]  # the Sample baseline: floor((i + 0.5) * 10 / 5)
+    assert order["asked objects only"] == [4, 1, 3, 5, 7]  # the asked object, then the evenly spaced ones
 
 
 def test_keeping_every_token_changes_no_answer(tmp_path):

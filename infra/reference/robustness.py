@@ -24,9 +24,11 @@ import numpy as np
 def rankings(objects: np.ndarray, asked: list[int], keep: int) -> dict[str, np.ndarray]:
     """Priorities over the n patches (higher = kept first; ties keep the lower index). ``objects`` (n,): object index
     under each patch (-1: none); ``asked``: the objects the answer depends on."""
+    from compress.baselines.sample import sample_indices
+
     n = len(objects)
     sample = np.zeros(n)
-    sample[np.round(np.linspace(0, n - 1, min(keep, n))).astype(int)] = 0.5
+    sample[sample_indices(n, min(keep, n)).numpy()] = 0.5  # the tokens the Sample baseline keeps
     mine = np.isin(objects, asked)
     return {"object oracle": np.where(mine, 3.0, np.where(objects >= 0, 2.0, 0.0)) + sample,
             "asked objects only": np.where(mine, 3.0, 0.0) + sample,

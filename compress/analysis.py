@@ -1,4 +1,4 @@
-"""The oracle's attention analysis (paper section 4, figures 1 and 5; DESIGN 4.3): which visual tokens the per-image
+"""The oracle's attention analysis (paper section 4, figures 1 and 5; docs/design.md §4.3): which visual tokens the per-image
 oracle keeps, against the attention scores that attention-based reducers rank by.
 
 Three per-token scores, each aligned with X_IMG (n,):

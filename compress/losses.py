@@ -51,3 +51,13 @@ def collapse_loss(p: torch.Tensor) -> torch.Tensor:
     """max_j sum_i P[i, j] for P (m, n); for a batch (B, m, n) (padded rows zero) the mean over the batch."""
     column_mass = p.sum(-2)
     return column_mass.amax(-1).mean()
+
+
+def topk_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's cached targets: logits (A, V) -> top-k log-probs (A, k), ids (A, k) and log tail mass (A,),
+    all on the CPU (the inputs of :func:`topk_kl`)."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    top, ids = logprobs.topk(min(k, logprobs.shape[-1]), -1)
+    # log(1 - sum p_topk) computed as log(sum of the other probabilities): exact where the tail is tiny.
+    tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), -1)
+    return top.cpu(), ids.cpu(), tail.cpu()

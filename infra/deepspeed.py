@@ -1,7 +1,7 @@
 """DeepSpeed for the compressor: the engine config built from ``TrainConfig`` and an engine that compiles nothing.
 
 Why a client optimizer: DeepSpeed's own ``"optimizer"`` section maps AdamW to FusedAdam/CPUAdam, C++ ops that are
-JIT-compiled for one to two minutes on first use (notes/platform.md section 3). A ``torch.optim`` optimizer passed to
+JIT-compiled for one to two minutes on first use (docs/design.md §10.2). A ``torch.optim`` optimizer passed to
 ``deepspeed.initialize`` with ``zero_allow_untested_optimizer`` compiles nothing, under every ZeRO stage.
 Only the compressor's parameters reach the optimizer: the frozen LVLM gets no fp32 master copy and no state, and
 under ZeRO-3 its (16-bit) weights are partitioned across the workers.

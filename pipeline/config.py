@@ -105,7 +105,7 @@ class EvaluateConfig:
 
 @dataclass
 class TPRLConfig:
-    """The TPRL baseline's training (stage ``tprl``, notes/baselines.md 2): autoencoder, behaviour cloning from the
+    """The TPRL baseline's training (stage ``tprl``, docs/design.md §4.5): autoencoder, behaviour cloning from the
     first-turn prompt attention, then PPO with rollouts on Ray actors that hold the LVLM."""
 
     enabled: bool = False  # off: the stage is skipped (and "tprl" is not evaluated)

@@ -1,4 +1,4 @@
-"""The dialogue dataset format (DESIGN section 3): ``dialogues.jsonl``, one object per line::
+"""The dialogue dataset format (docs/design.md §3): ``dialogues.jsonl``, one object per line::
 
     {"dialogue_id": str, "image": "relative/or/absolute/path", "turns": [{"question": str, "answers": [str, ...]}, ...],
      "source": str}

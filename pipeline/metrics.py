@@ -1,6 +1,6 @@
 """Answer scoring for the multi-turn benchmarks.
 
-Rules followed (see notes/baselines.md section 4):
+Rules followed (docs/design.md §3.5):
 
 * **VQA-v2** (:func:`vqa_accuracy`): the *official* evaluation of GT-Vision-Lab/VQA
   (``PythonEvaluationTools/vqaEvaluation/vqaEval.py``), reproduced rule by rule, including its quirks:
@@ -126,6 +126,19 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 METRICS = {"vqa": vqa_accuracy, "exact": exact_match}
+# dialogue source -> scorer name in METRICS; sources not listed (own data) use exact match.
+SCORERS = {"vqa_v2": "vqa", "gqa": "exact", "mt_shapes": "exact"}
+JUDGED_SOURCES = {"convbench"}  # free-form answers: scored by pipeline.datasets.convbench's judge instead
+
+
+def score(source: str, prediction: str, references: Sequence[str]) -> float:
+    """Score in [0, 1] of one answer, by the dialogue's source (docs/design.md §5)."""
+    return METRICS[SCORERS.get(source, "exact")](prediction, references)
+
+
+def same_answer(a: str, b: str) -> bool:
+    """Two answers agree when equal after the VQA normalisation (case, punctuation, articles, number words)."""
+    return normalize_vqa_answer(a) == normalize_vqa_answer(b)
 
 
 def per_turn_accuracy(scores: Sequence[Sequence[float]]) -> dict[str, float]:

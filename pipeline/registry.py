@@ -1,4 +1,4 @@
-"""Registry promotion (DESIGN 6): the compressor version with alias ``candidate`` gets alias ``champion`` when its
+"""Registry promotion (docs/design.md §6): the compressor version with alias ``candidate`` gets alias ``champion`` when its
 average accuracy at its reduction rate beats every baseline evaluated at that rate and the current champion.
 
 Which rate is the candidate's: the evaluation ran the compressors in ``<work_dir>/train/rate-R/compressor``; the
@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.shards import file_sha256
+from pipeline.hashing import file_sha256
 from pipeline.tracking import CANDIDATE
 
 CHAMPION = "champion"

@@ -1,6 +1,6 @@
 """Shard store: a stage's output directory of validated, atomically published shards on any ``pyarrow.fs`` URI.
 
-Directory contract (DESIGN 3)::
+Directory contract (docs/design.md §3)::
 
     part-00000.parquet        a shard (or .tar for WebDataset, .arrow for Arrow IPC), published by rename
     part-00000.parquet.json   its sidecar: rows, size, sha256, stage, config_hash, input_hash, format, schema_version
@@ -13,10 +13,7 @@ A shard counts as done only when its sidecar matches its bytes, so a crash at an
 shard or one that ``missing_shards`` reports for recomputation. Nothing valid is replaced: rewriting a valid
 shard with different bytes raises, and only ``prepare(overwrite=True)`` deletes outputs.
 
-Tensor columns: a record value that is an ``(n, d)`` array becomes ``list<fixed_size_list<T, d>>``, an ``(n,)``
-array ``list<T>``, and a list of such arrays one more ``list<...>`` level (per-turn teacher targets). bfloat16
-(torch) is stored bit-exactly as uint16 bits, tagged ``tensor_dtype=bfloat16`` in the Arrow field metadata
-(WebDataset: in the sample's JSON); readers return the uint16 array, ``bf16_to_torch`` reinterprets it.
+Tensor columns and formats: ``pipeline.tensor_columns`` and ``pipeline.shard_formats``.
 """
 
 from __future__ import annotations
@@ -32,18 +29,19 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as paipc
 import pyarrow.parquet as pq
 
+from pipeline.hashing import canonical_json
+from pipeline.shard_formats import _decode, _encode, _iter_tar
+from pipeline.tensor_columns import records_to_table, table_to_records
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 FORMATS = {"parquet": ".parquet", "webdataset": ".tar", "arrow": ".arrow"}
-TAG = b"tensor_dtype"  # Arrow field metadata key: logical dtype of a tensor column
-TEACHER_COLUMNS = ("topk_logprobs", "topk_ids", "tail_logmass")
 _OURS = re.compile(r"^(part-\d+\.(parquet|tar|arrow)(\.json)?|_manifest\.json|_SUCCESS|_errors\.jsonl|_config\.json)"
                    r"(\.tmp-[0-9a-f]+)?$")
 
@@ -56,36 +54,6 @@ class CorruptShard(ValueError):
     """A shard is missing, truncated or altered (its bytes do not match its sidecar)."""
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if hasattr(o, "__dataclass_fields__"):
-        from dataclasses import asdict
-        return asdict(o)
-    if isinstance(o, os.PathLike):
-        return os.fspath(o)
-    raise TypeError(f"config value of type {type(o).__name__} is not JSON-serialisable: {o!r}")
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
-                      default=_json_default)
-
-
-def config_hash(obj: Any) -> str:
-    """sha256 (hex) of the canonical JSON of ``obj`` (sorted keys, no whitespace)."""
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a local file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path, ``file://``, ``s3://``, ``gs://`` ... URI.
     Local files are memory-mapped on read, so Arrow IPC shards are read without copies."""
@@ -95,271 +63,6 @@ def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     if isinstance(fs, pafs.LocalFileSystem):
         fs = pafs.LocalFileSystem(use_mmap=True)
     return fs, path
-
-
-# ---------------------------------------------------------------- tensor columns
-
-def _as_numpy(x: Any) -> tuple[np.ndarray, str]:
-    """A numpy array (bfloat16 as its uint16 bits) and its logical dtype name."""
-    if isinstance(x, np.ndarray):
-        return x, x.dtype.name
-    if type(x).__module__.split(".")[0] == "torch":
-        import torch
-        x = x.detach().cpu().contiguous()
-        if x.dtype == torch.bfloat16:
-            return x.view(torch.int16).numpy().view(np.uint16), "bfloat16"
-        return x.numpy(), str(x.dtype).removeprefix("torch.")
-    raise TypeError(f"expected a numpy array or torch tensor, got {type(x).__name__}")
-
-
-def _is_tensor(x: Any) -> bool:
-    return isinstance(x, np.ndarray) or type(x).__module__.split(".")[0] == "torch"
-
-
-def _depth(cells: list) -> int | None:
-    """Python-list levels above the arrays in ``cells`` (0: cells are arrays), None when not a tensor column."""
-    for c in cells:
-        if _is_tensor(c):
-            return 0
-        if isinstance(c, (list, tuple)) and c:
-            d = _depth(list(c))
-            return None if d is None else d + 1
-    return None
-
-
-def nested_to_arrow(cells: list, depth: int | None = None) -> tuple[pa.Array, str]:
-    """One Arrow cell per item of ``cells``; each item is an array ``(n_i, d)`` / ``(n_i,)`` or (``depth`` > 0)
-    nested lists of them. Returns ``(array, logical dtype)``; type ``list^(depth)<list<fixed_size_list<T, d>>>``
-    for 2-d arrays, ``list^(depth)<list<T>>`` for 1-d ones. Values are copied once into one contiguous buffer."""
-    depth = _depth(cells) if depth is None else depth
-    if depth is None:
-        raise ValueError("no arrays found in the column (all cells empty?)")
-    levels, items = [], list(cells)
-    for _ in range(depth):
-        lens = [len(c) for c in items]
-        levels.append(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
-        items = [x for c in items for x in c]
-    arrays, logical = [], None
-    for j, x in enumerate(items):
-        a, name = _as_numpy(x)
-        if logical is not None and (name != logical or a.ndim != arrays[0].ndim or a.shape[1:] != arrays[0].shape[1:]):
-            raise ValueError(f"array {j} has dtype {name} shape {a.shape}, the first has {logical} "
-                             f"shape {arrays[0].shape}: a column needs one dtype and one trailing dimension")
-        if a.ndim not in (1, 2):
-            raise ValueError(f"array {j} has shape {a.shape}: only (n,) and (n, d) arrays are supported")
-        arrays.append(a)
-        logical = name
-    if not arrays:
-        raise ValueError("the column holds only empty lists: its dtype and width are unknown")
-    flat = pa.array(np.concatenate([a.reshape(-1) for a in arrays]))
-    if arrays[0].ndim == 2:
-        flat = pa.FixedSizeListArray.from_arrays(flat, arrays[0].shape[1])
-    offsets = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(np.int32)
-    out = pa.ListArray.from_arrays(pa.array(offsets), flat)
-    for off in reversed(levels):
-        out = pa.ListArray.from_arrays(pa.array(off), out)
-    return out, logical
-
-
-def arrow_to_nested(array: pa.Array | pa.ChunkedArray) -> list:
-    """Inverse of ``nested_to_arrow``: per cell a numpy array ``(n_i, d)`` / ``(n_i,)`` (or nested lists of them).
-    The arrays are views of the Arrow buffers (no copy; read-only when the buffers are a memory-mapped file)."""
-    if isinstance(array, pa.ChunkedArray):
-        return [x for chunk in array.chunks for x in arrow_to_nested(chunk)]
-    if array.null_count:
-        raise ValueError("tensor column has null cells")
-    offs = array.offsets.to_numpy()
-    child = array.values
-    if pa.types.is_list(child.type):
-        inner = arrow_to_nested(child)
-        return [inner[offs[i]:offs[i + 1]] for i in range(len(array))]
-    if pa.types.is_fixed_size_list(child.type):
-        d = child.type.list_size
-        flat = child.values.to_numpy(zero_copy_only=True)  # backs the whole child, ignoring child.offset
-        mat = flat[child.offset * d:(child.offset + len(child)) * d].reshape(-1, d)
-    else:
-        mat = child.to_numpy(zero_copy_only=True)
-    return [mat[offs[i]:offs[i + 1]] for i in range(len(array))]
-
-
-def features_to_arrow(xs: list) -> pa.Array:
-    """``xs``: per image an ``(n_i, d)`` float16 / bfloat16 array or tensor -> ``list<fixed_size_list<T, d>>``
-    (bfloat16 as uint16 bits)."""
-    array, _ = nested_to_arrow(xs, depth=0)
-    if not pa.types.is_fixed_size_list(array.type.value_type):
-        raise ValueError("features must be (n_tokens, d) arrays")
-    return array
-
-
-def arrow_to_features(array: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
-    """``list<fixed_size_list<T, d>>`` -> per image an ``(n_i, d)`` numpy view (zero-copy)."""
-    if not pa.types.is_fixed_size_list(array.type.value_type):
-        raise ValueError(f"not a feature column: {array.type}")
-    return arrow_to_nested(array)
-
-
-def bf16_to_torch(bits: np.ndarray):
-    """uint16 bits (as stored) -> a torch.bfloat16 tensor sharing the memory (copy first if you write to it)."""
-    import warnings
-
-    import torch
-    with warnings.catch_warnings():  # read-only (memory-mapped) input: documented above
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
-
-
-def teacher_targets(logprobs: list, ids: list, tail_logmass: list) -> dict[str, list[np.ndarray]]:
-    """Validated record fields for one dialogue, per turn t: ``topk_logprobs`` (T_t, k) float16, ``topk_ids``
-    (T_t, k) int32, ``tail_logmass`` (T_t,) float32 = log(1 - sum of the top-k probabilities)."""
-    if not len(logprobs) == len(ids) == len(tail_logmass):
-        raise ValueError(f"turn counts differ: {len(logprobs)} logprobs, {len(ids)} ids, {len(tail_logmass)} tails")
-    out: dict[str, list[np.ndarray]] = {c: [] for c in TEACHER_COLUMNS}
-    for t, (lp, ix, tail) in enumerate(zip(logprobs, ids, tail_logmass)):
-        lp, ix, tail = (np.asarray(_as_numpy(v)[0]) for v in (lp, ix, tail))
-        if lp.ndim != 2 or ix.shape != lp.shape or tail.shape != lp.shape[:1]:
-            raise ValueError(f"turn {t}: logprobs {lp.shape}, ids {ix.shape}, tail {tail.shape} must be "
-                             "(T, k), (T, k), (T,)")
-        if ix.size and (ix.min() < 0 or ix.max() >= 2**31):
-            raise ValueError(f"turn {t}: token ids outside int32")
-        out["topk_logprobs"].append(lp.astype(np.float16, copy=False))
-        out["topk_ids"].append(ix.astype(np.int32, copy=False))
-        out["tail_logmass"].append(tail.astype(np.float32, copy=False))
-    return out
-
-
-# ---------------------------------------------------------------- records <-> tables
-
-def records_to_table(records: list[dict]) -> pa.Table:
-    """Records (dicts with the same keys) -> a table; tensor values become tagged tensor columns."""
-    if not records:
-        return pa.table({})
-    names = list(records[0])
-    cols, fields = [], []
-    for j, r in enumerate(records):
-        if list(r) != names:
-            raise ValueError(f"record {j} has keys {sorted(r)}, record 0 has {sorted(names)}")
-    for name in names:
-        cells = [r[name] for r in records]
-        depth = _depth(cells)
-        if depth is None:
-            arr = pa.array(cells)
-            fields.append(pa.field(name, arr.type))
-        else:
-            arr, logical = nested_to_arrow(cells, depth)
-            fields.append(pa.field(name, arr.type, metadata={TAG: logical.encode()}))
-        cols.append(arr)
-    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
-
-
-def _tensor_field(field: pa.Field) -> bool:
-    t = field.type
-    while pa.types.is_list(t):
-        t = t.value_type
-    return bool(field.metadata and TAG in field.metadata) or pa.types.is_fixed_size_list(t)
-
-
-def table_to_records(table: pa.Table) -> list[dict]:
-    """Inverse of ``records_to_table``; tensor columns come back as numpy views."""
-    cols = {f.name: arrow_to_nested(table.column(f.name)) if _tensor_field(f) else table.column(f.name).to_pylist()
-            for f in table.schema}
-    return [{k: v[j] for k, v in cols.items()} for j in range(table.num_rows)]
-
-
-def _logical_dtypes(table: pa.Table) -> dict[str, str]:
-    return {f.name: f.metadata[TAG].decode() for f in table.schema if f.metadata and TAG in f.metadata}
-
-
-# ---------------------------------------------------------------- formats: bytes <-> table
-
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o444, 0  # fixed metadata: identical bytes on re-runs
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _encode_tar(table: pa.Table, shard: int) -> bytes:
-    """WebDataset tar: per record ``KEY.json`` (plain fields + ``__tensors__``) and ``KEY.safetensors``."""
-    from safetensors.numpy import save
-    dtypes = _logical_dtypes(table)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for j, rec in enumerate(table_to_records(table)):
-            key = str(rec.pop("__key__", f"{shard:05d}_{j:06d}"))
-            if "." in key or "/" in key or not key:
-                raise ValueError(f"shard {shard} record {j}: WebDataset key {key!r} must be non-empty "
-                                 "and contain no '.' or '/'")
-            tensors, meta, plain = {}, {}, {}
-            for name, v in rec.items():
-                if isinstance(v, np.ndarray):
-                    tensors[name] = np.ascontiguousarray(v)
-                    meta[name] = {"dtype": dtypes.get(name, v.dtype.name), "count": None}
-                elif isinstance(v, list) and v and all(isinstance(x, np.ndarray) for x in v):
-                    tensors.update({f"{name}/{i}": np.ascontiguousarray(x) for i, x in enumerate(v)})
-                    meta[name] = {"dtype": dtypes.get(name, v[0].dtype.name), "count": len(v)}
-                else:
-                    plain[name] = v
-            sample = json.dumps({**plain, "__tensors__": meta}, separators=(",", ":"), default=_json_default)
-            _tar_add(tar, f"{key}.json", sample.encode())  # record order kept: it is the column order on read
-            if tensors:
-                _tar_add(tar, f"{key}.safetensors", save(tensors))
-    return buf.getvalue()
-
-
-def _decode_sample(key: str, parts: dict[str, bytes]) -> dict:
-    from safetensors.numpy import load
-    rec = json.loads(parts[".json"])
-    meta = rec.pop("__tensors__", {})
-    tensors = load(parts[".safetensors"]) if ".safetensors" in parts else {}
-    for name, m in meta.items():
-        rec[name] = tensors[name] if m["count"] is None else [tensors[f"{name}/{i}"] for i in range(m["count"])]
-    return {"__key__": key, **rec, "__tensors__": meta}
-
-
-def _iter_tar(tar: tarfile.TarFile) -> Iterator[dict]:
-    key, parts = None, {}
-    for member in tar:
-        if not member.isfile():
-            continue
-        k, _, ext = member.name.rsplit("/", 1)[-1].partition(".")  # WebDataset: key = name up to the first dot
-        ext = "." + ext
-        if key is not None and k != key:
-            yield _decode_sample(key, parts)
-            parts = {}
-        key, parts[ext] = k, tar.extractfile(member).read()
-    if key is not None:
-        yield _decode_sample(key, parts)
-
-
-def _tar_records_to_table(samples: list[dict]) -> pa.Table:
-    table = records_to_table([{k: v for k, v in s.items() if k != "__tensors__"} for s in samples])
-    if not samples:
-        return table
-    tags = {n: m["dtype"] for s in samples for n, m in s["__tensors__"].items()}
-    schema = pa.schema([f.with_metadata({TAG: tags[f.name].encode()}) if f.name in tags else f for f in table.schema])
-    return pa.Table.from_arrays(table.columns, schema=schema)
-
-
-def _encode(table: pa.Table, fmt: str, shard: int) -> bytes:
-    if fmt == "webdataset":
-        return _encode_tar(table, shard)
-    sink = pa.BufferOutputStream()
-    if fmt == "parquet":
-        # zstd: the teacher's int32 ids have mostly-zero high bytes. Dictionaries and statistics of float
-        # tensors only add bytes (measured: 384 -> 256 B per answer token at k=64).
-        pq.write_table(table, sink, compression="zstd", write_statistics=False, use_dictionary=False)
-    else:  # arrow IPC, uncompressed so that memory-mapped reads are zero-copy
-        with paipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _decode(buf: pa.Buffer, fmt: str) -> pa.Table:
-    if fmt == "parquet":
-        return pq.read_table(pa.BufferReader(buf))
-    if fmt == "arrow":
-        return paipc.open_file(buf).read_all()
-    with tarfile.open(fileobj=io.BytesIO(buf.to_pybytes()), mode="r:") as tar:
-        return _tar_records_to_table(list(_iter_tar(tar)))
 
 
 def iter_webdataset(uris: Iterable[str], filesystem: pafs.FileSystem | None = None) -> Iterator[dict]:

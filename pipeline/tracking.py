@@ -1,4 +1,4 @@
-"""MLflow tracking (DESIGN 6): one parent run per pipeline invocation, a nested run per stage, the compressor as a
+"""MLflow tracking (docs/design.md §6): one parent run per pipeline invocation, a nested run per stage, the compressor as a
 registered model.
 
 Store: ``tracking.uri`` when set (``http://head:5000`` on a cluster, or any MLflow URI); otherwise a SQLite file

@@ -1,4 +1,5 @@
-"""What every sharded stage shares: model identity, dialogue shards, the driver loop over a pool of Ray actors."""
+"""What the stages share, below all of them: model identity, reading a split, decoding cached feature rows, dialogue
+shards and the driver loop over a pool of Ray actors (docs/design.md §6)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import PipelineConfig
 from pipeline.shards import StageOutput
 
 log = logging.getLogger("metacompress")
@@ -21,6 +23,52 @@ def model_identity(model_dir: str) -> dict:
     config = json.loads((path / "config.json").read_text())
     weights = sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))
     return {"config": config, "weights": weights}
+
+
+def split_limit(config: PipelineConfig, split: str) -> int | None:
+    return config.data.max_train_dialogues if split == "train" else config.data.max_eval_dialogues
+
+
+def load_split(config: PipelineConfig, split: str, limit: int | None) -> tuple[list[dict], list[list[str]]]:
+    """The split's first ``limit`` dialogues as plain dicts (id, image, source, questions, answers); bad records
+    become ``[record_id, reason]`` errors, not failures."""
+    from pipeline.dialogues import iter_dialogues
+
+    path = getattr(config.data, split)
+    bad: list[list[str]] = []
+    records: list[dict] = []
+    for d in iter_dialogues(path, check_images=False,
+                            on_error=lambda e: bad.append([e.dialogue_id or f"{e.path}:{e.line}", e.reason])):
+        records.append({"dialogue_id": d.dialogue_id, "image": str(d.image), "source": d.source,
+                        "questions": [t.question for t in d.turns], "answers": [list(t.answers) for t in d.turns]})
+        if limit is not None and len(records) >= limit:
+            break
+    return records, bad
+
+
+def features_tensor(array):
+    """A stored feature array (float16, float32, or bfloat16 kept as uint16) -> a CPU tensor of that dtype."""
+    import numpy as np
+    import torch
+
+    from pipeline.tensor_columns import bf16_to_torch
+
+    return bf16_to_torch(array) if array.dtype == np.uint16 else torch.from_numpy(np.array(array))
+
+
+def feature_row(row: dict):
+    """A row of the extract stage's shards -> (X_IMG (n, d) CPU tensor in its stored dtype, Layout)."""
+    from compress.layout import Layout
+
+    return features_tensor(row["features"]), Layout.from_dict(json.loads(row["layout"]))
+
+
+def encoded_image(row: dict, device, dtype):
+    """A row of the extract stage's shards as the chat session's image input (no pixels, nothing to re-encode)."""
+    from compress.lvlm.base import EncodedImage
+
+    x, layout = feature_row(row)
+    return EncodedImage(x.to(device, dtype), layout, None, (0, 0))
 
 
 def shard_ranges(count: int, per_shard: int) -> list[tuple[int, int]]:

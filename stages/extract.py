@@ -1,4 +1,4 @@
-"""Stage `extract`: the vision tower + projector over every dialogue's image -> feature shards (DESIGN 3, 6).
+"""Stage `extract`: the vision tower + projector over every dialogue's image -> feature shards (docs/design.md §3, §6).
 
 Shard ``i`` holds dialogues ``[i * N, (i + 1) * N)`` of the split: per dialogue its id, image, ``n_tokens``, the
 layout (JSON) and ``features`` X_IMG (n, d) in the model dtype (float16 for float32 models, to halve storage).
@@ -11,35 +11,12 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.config import PipelineConfig
-from pipeline.shards import StageOutput, file_sha256
-from stages.common import StageReport, model_actor, model_identity, run_sharded, shard_ranges
-
-STAGE = "extract"
-
-
-def stage_hash(config: PipelineConfig) -> str:
-    from pipeline.shards import config_hash
-
-    return config_hash({"model": model_identity(config.model.path), "dtype": config.model.dtype,
-                        "format": config.shards.format})
-
-
-def output_uri(config: PipelineConfig, split: str) -> str:
-    return f"{config.work_dir}/{STAGE}/{split}"
-
-
-def output_args(config: PipelineConfig, split: str) -> dict:
-    from pipeline.shards import config_hash
-
-    # What goes into which shard depends on the file, how much of it is used and how it is cut.
-    inputs = {"dialogues": file_sha256(getattr(config.data, split)), "limit": split_limit(config, split),
-              "dialogues_per_shard": config.shards.dialogues_per_shard}
-    return dict(uri=output_uri(config, split), stage=STAGE, config_hash=stage_hash(config),
-                input_hash=config_hash(inputs), fmt=config.shards.format)
-
-
-def storage_dtype(model_dtype: str) -> str:
-    return "float16" if model_dtype == "float32" else model_dtype
+from pipeline.shards import StageOutput
+from stages.common import StageReport, load_split, model_actor, run_sharded, shard_ranges, split_limit
+from stages.outputs import EXTRACT as STAGE  # noqa: F401  (each stage module names itself)
+from stages.outputs import extract_args as output_args
+from stages.outputs import extract_uri as output_uri  # noqa: F401  (this stage's own output, for callers)
+from stages.outputs import storage_dtype
 
 
 class FeatureExtractor:
@@ -80,26 +57,6 @@ class FeatureExtractor:
                          "features": encoded.tokens.detach().to("cpu", self.store_dtype)})
         self.out.write_shard(index, rows)
         return {"records": len(rows), "errors": errors}
-
-
-def load_split(config: PipelineConfig, split: str, limit: int | None) -> tuple[list[dict], list[list[str]]]:
-    """Records of a split as plain dicts (id, image, questions, answers); bad lines become errors, not failures."""
-    from pipeline.dialogues import iter_dialogues
-
-    path = getattr(config.data, split)
-    bad: list[list[str]] = []
-    records = []
-    for d in iter_dialogues(path, check_images=False,
-                            on_error=lambda e: bad.append([e.dialogue_id or f"{e.path}:{e.line}", e.reason])):
-        records.append({"dialogue_id": d.dialogue_id, "image": str(d.image),
-                        "questions": [t.question for t in d.turns], "answers": [list(t.answers) for t in d.turns]})
-        if limit is not None and len(records) >= limit:
-            break
-    return records, bad
-
-
-def split_limit(config: PipelineConfig, split: str) -> int | None:
-    return config.data.max_train_dialogues if split == "train" else config.data.max_eval_dialogues
 
 
 def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> StageReport:

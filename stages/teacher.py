@@ -1,4 +1,4 @@
-"""Stage `teacher`: full-token multi-turn generation on the cached features -> teacher-target shards (DESIGN 3).
+"""Stage `teacher`: full-token multi-turn generation on the cached features -> teacher-target shards (docs/design.md §3).
 
 Per dialogue: the teacher's own greedy answers (text and token ids per turn, the history holding its own answers)
 and, at every answer token, the top-k log-probabilities and ids (float16 + int32) and the log of the remaining tail
@@ -10,43 +10,10 @@ from __future__ import annotations
 
 from pipeline.config import PipelineConfig
 from pipeline.shards import StageOutput
-from stages import extract
-from stages.common import StageReport, model_actor, model_identity, run_sharded, shard_ranges
-
-STAGE = "teacher"
-
-
-def stage_hash(config: PipelineConfig) -> str:
-    from pipeline.shards import config_hash
-
-    return config_hash({"model": model_identity(config.model.path), "dtype": config.model.dtype,
-                        "top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
-                        "history": config.teacher.history, "format": config.shards.format})
-
-
-def output_uri(config: PipelineConfig, split: str) -> str:
-    return f"{config.work_dir}/{STAGE}/{split}"
-
-
-def output_args(config: PipelineConfig, split: str) -> dict:
-    from pipeline.shards import read_completed
-
-    from pipeline.shards import config_hash
-
-    features = read_completed(extract.output_uri(config, split))
-    return dict(uri=output_uri(config, split), stage=STAGE, config_hash=stage_hash(config),
-                input_hash=config_hash([features["config_hash"], features["input_hash"]]), fmt=config.shards.format)
-
-
-def topk_targets(logits, k: int):
-    """logits (A, V) -> top-k log-probs (A, k), ids (A, k) and log tail mass (A,), all on the CPU."""
-    import torch
-
-    logprobs = torch.log_softmax(logits.float(), -1)
-    top, ids = logprobs.topk(min(k, logprobs.shape[-1]), -1)
-    # log(1 - sum p_topk) computed as log(sum of the other probabilities): exact where the tail is tiny.
-    tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), -1)
-    return top.cpu(), ids.cpu(), tail.cpu()
+from stages.common import StageReport, encoded_image, load_split, model_actor, run_sharded, shard_ranges, split_limit
+from stages.outputs import TEACHER as STAGE
+from stages.outputs import finished_extract_args
+from stages.outputs import teacher_args as output_args
 
 
 class TeacherWorker:
@@ -66,6 +33,7 @@ class TeacherWorker:
     def _dialogue_batch(self, features: list, dialogues: list[dict]) -> list[dict]:
         import torch
 
+        from compress.losses import topk_targets
         from compress.lvlm.session import BatchChatSession, answer_logits_batch
 
         ad = self.adapter
@@ -91,23 +59,9 @@ class TeacherWorker:
         return rows
 
     def run_shard(self, index: int, dialogues: list[dict]) -> dict:
-        import json
-
-        import torch
-
-        from compress.layout import Layout
-        from compress.lvlm.base import EncodedImage
-        from pipeline.shards import bf16_to_torch
-
         cached = {r["dialogue_id"]: r for r in self.features.read_records(index)}
         present = [d for d in dialogues if d["dialogue_id"] in cached]  # the rest failed in extract
-        encoded = []
-        for d in present:
-            r = cached[d["dialogue_id"]]
-            x = r["features"]
-            x = bf16_to_torch(x) if x.dtype.name == "uint16" else torch.from_numpy(x.copy())
-            encoded.append(EncodedImage(x.to(self.adapter.device, self.adapter.dtype),
-                                        Layout.from_dict(json.loads(r["layout"])), None, (0, 0)))
+        encoded = [encoded_image(cached[d["dialogue_id"]], self.adapter.device, self.adapter.dtype) for d in present]
         rows = []
         # Dialogues with the same number of turns go through the session together.
         by_turns: dict[int, list[int]] = {}
@@ -126,19 +80,12 @@ class TeacherWorker:
 
 def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> StageReport:
     from pipeline.cluster import device_for, gpus_per_actor
-    from pipeline.shards import read_completed
 
     if config.teacher.history != "own":
         raise ValueError("teacher.history: the teacher cache is built from the model's own answers ('own'); "
                          "'reference' is an evaluation option (evaluate.history)")
-    feature_uri = extract.output_uri(config, split)
-    feature_manifest = read_completed(feature_uri)
-    if feature_manifest["config_hash"] != extract.stage_hash(config):
-        raise ValueError(f"{feature_uri} was extracted with another model, dtype or format than this config; run "
-                         "the extract stage for this config first (or point work_dir elsewhere)")
-    records, _ = extract.load_split(config, split, extract.split_limit(config, split))
-    feature_args = dict(uri=feature_uri, stage=extract.STAGE, config_hash=feature_manifest["config_hash"],
-                        input_hash=feature_manifest["input_hash"], fmt=config.shards.format)
+    feature_args = finished_extract_args(config, split, STAGE)
+    records, _ = load_split(config, split, split_limit(config, split))
     out_args = output_args(config, split)
     out = StageOutput(**out_args)
     out.prepare(config.to_dict(), overwrite=config.shards.overwrite)

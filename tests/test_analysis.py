@@ -116,7 +116,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def _parse(argv):
-    from pipeline import analyze
+    from pipeline.commands import analyze
 
     parser = argparse.ArgumentParser()
     analyze.register(parser.add_subparsers(dest="command"))

@@ -16,7 +16,7 @@ METHODS, RATES, TURNS, REPEATS, WARMUP, NEW_TOKENS = ["full", "sample", "metacom
 
 
 def parse(argv: list[str]):
-    from pipeline.bench_efficiency import register
+    from pipeline.commands.bench_efficiency import register
 
     parser = argparse.ArgumentParser(prog="metacompress bench")
     register(parser.add_subparsers(dest="bench", required=True))
@@ -127,7 +127,7 @@ def test_summaries_recomputed_from_the_samples(bench):
 
 
 def test_markdown_table_has_one_line_per_row(bench):
-    from pipeline.bench_efficiency import markdown
+    from pipeline.commands.bench_efficiency import markdown
 
     report, _ = bench
     text = markdown(report)
@@ -142,7 +142,7 @@ def test_markdown_table_has_one_line_per_row(bench):
 
 def test_tiny_next_counts_newline_tokens():
     """The LLaVA-NeXT path: a 64x64 image gives 16 base tokens + a 16x16 crop grid with 16 newlines."""
-    from pipeline.bench_efficiency import run_benchmark
+    from pipeline.commands.bench_efficiency import run_benchmark
 
     report = run_benchmark("tiny-next", ["full", "sample"], [0.9], turns=1, repeats=1, warmup=0, max_new_tokens=2)
     full, sample = report["rows"]

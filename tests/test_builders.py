@@ -99,7 +99,7 @@ def test_vqa_v2_bad_files(vqa_files, tmp_path: Path) -> None:
 
 
 def test_data_cli_builders(vqa_files, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline import data_cli
+    from pipeline.commands import data as data_cli
 
     q, a, images = vqa_files
     parser = argparse.ArgumentParser()

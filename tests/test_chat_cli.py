@@ -32,7 +32,7 @@ def image(tmp_path):
 
 
 def parse(*argv):
-    from pipeline import chat_cli
+    from pipeline.commands import chat as chat_cli
 
     parser = argparse.ArgumentParser(prog="metacompress")
     chat_cli.register(parser.add_subparsers(dest="command"))
@@ -83,14 +83,7 @@ def test_chat_errors_name_the_culprit(model_dir, image, tmp_path, argv, error, m
 
 
 def test_chat_command_as_a_process(model_dir, image):
-    from pipeline import cli
-
-    if "pipeline.chat_cli" in cli.COMMAND_MODULES:
-        cmd = [sys.executable, "-m", "pipeline.cli", "chat"]
-    else:  # until the main CLI lists the module: the same parser, built the way pipeline.cli builds it
-        cmd = [sys.executable, "-c", "import sys, argparse; from pipeline import chat_cli; "
-               "p = argparse.ArgumentParser(prog='metacompress'); chat_cli.register(p.add_subparsers()); "
-               "a = p.parse_args(['chat'] + sys.argv[1:]); sys.exit(a.func(a))"]
+    cmd = [sys.executable, "-m", "pipeline.commands.cli", "chat"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd + ["--model", str(model_dir), "--method", "fastv", "--rate", "0.5", "--image",
                                  str(image), "--max-new-tokens", "2", "--device", "cpu"],

@@ -55,13 +55,12 @@ def read_csv(path: Path) -> list[dict]:
 def test_evaluate_tables_match_a_plain_recomputation_and_cache_per_method_and_rate(workspace, ray_local):
     from compress.lvlm import load_adapter
     from compress.lvlm.session import ChatSession
+    from pipeline import tracking
     from pipeline.dialogues import load_dialogues
     from pipeline.metrics import exact_match, normalize_vqa_answer
     from pipeline.reports import label
     from pipeline.shards import StageOutput
     from stages import evaluate
-
-    from pipeline import tracking
 
     config = make_config(workspace, [0.5])
     for rate in (0.25, 0.5):
@@ -195,8 +194,8 @@ def test_promotion_with_a_sqlite_registry(workspace):
 
     from compress.metacompress import MetaCompress
     from pipeline import tracking
+    from pipeline.hashing import file_sha256
     from pipeline.registry import CANDIDATE, CHAMPION, Evaluated, promote
-    from pipeline.shards import file_sha256
 
     base = make_config(workspace, [0.5])  # the same SQLite store as the stage test (one schema migration)
     config = dataclasses.replace(base, tracking=dataclasses.replace(base.tracking, registered_model="promotion"))

@@ -211,7 +211,7 @@ def test_aspect_ratios() -> None:
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline import data_cli
+    from pipeline.commands import data as data_cli
 
     parser = argparse.ArgumentParser()
     data_cli.register(parser.add_subparsers(dest="command"))

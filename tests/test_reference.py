@@ -39,7 +39,8 @@ def test_tokenizer_words_template_and_roundtrip(tmp_path):
 def test_answer_labels_keep_only_answers():
     import torch
 
-    from infra.reference.recipe import IGNORE, answer_labels
+    from infra.reference.chat import answer_labels
+    from infra.reference.config import IGNORE
     from infra.reference.tokenizer import build_vocab, make_tokenizer
 
     tok = make_tokenizer(build_vocab(["a b ?", "yes", "no"]))
@@ -56,8 +57,10 @@ def test_patch_targets_match_generator_labels():
     per-patch labels (pipeline.datasets.mt_shapes.patch_labels), and regions follow the patch's position."""
     from PIL import Image
 
-    from infra.reference.recipe import IGNORE, RecipeConfig, build_processor, label_image, patch_targets
+    from infra.reference.config import IGNORE, RecipeConfig
+    from infra.reference.targets import label_image, patch_targets
     from infra.reference.tokenizer import build_vocab, make_tokenizer
+    from infra.reference.training import build_processor
     from pipeline.datasets import mt_shapes
 
     cfg = RecipeConfig(family="llava", image_size=96, patch_size=8)
@@ -104,7 +107,8 @@ def test_small_recipe_learns_above_chance(tmp_path):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from infra.reference.recipe import RecipeConfig, build_reference, evaluate
+    from infra.reference.evaluation import evaluate
+    from infra.reference.recipe import RecipeConfig, build_reference
     from pipeline.dialogues import load_dialogues
 
     torch.set_num_threads(2)
@@ -131,8 +135,10 @@ def test_small_recipe_learns_above_chance(tmp_path):
 
 
 def _mt_shapes_examples(tmp_path: Path, n: int = 6, family: str = "llava"):
-    from infra.reference.recipe import RecipeConfig, build_processor, dialogue_example
+    from infra.reference.config import RecipeConfig
+    from infra.reference.targets import dialogue_example
     from infra.reference.tokenizer import tokenizer_from_dialogues
+    from infra.reference.training import build_processor
     from pipeline.datasets import mt_shapes
     from pipeline.dialogues import load_dialogues
 
@@ -153,7 +159,7 @@ def test_attention_targets_point_at_the_objects_of_each_answer(tmp_path):
     a relation gives head 0 the first-named object and head 1 the other; a count puts 1 / (1 + n) on the sink and on
     one patch per object. The answer-predicting position is the ':' before the answer and the key words are that
     turn's question words (for a relation, head 1 gets the second object's colour and shape)."""
-    from infra.reference.recipe import KEY_WORDS
+    from infra.reference.targets import KEY_WORDS
 
     examples, proc = _mt_shapes_examples(tmp_path)
     tok = proc.tokenizer
@@ -197,7 +203,7 @@ def test_attention_loss_equals_a_plain_computation(tmp_path, family):
     its view's target over [first token, every image token], whatever the dialogue's own number of them."""
     import torch
 
-    from infra.reference.recipe import attention_loss, collate
+    from infra.reference.training import attention_loss, collate
 
     examples, proc = _mt_shapes_examples(tmp_path, 3, family)
     batch = collate([ex for _, _, ex in examples], proc.tokenizer.pad_token_id)
@@ -230,7 +236,8 @@ def test_next_token_views_place_objects_in_base_and_crops(tmp_path):
     """LLaVA-NeXT: view 0 marks only base-grid tokens (6 x 6 over the whole image), view 1 only crop tokens (an
     h x w grid over the whole image, a newline closing each row, never marked); every marked token lies on its
     object, computed from the scene's geometry, and every object of a turn's answer is marked in both views."""
-    from infra.reference.recipe import RecipeConfig, token_views
+    from infra.reference.config import RecipeConfig
+    from infra.reference.targets import token_views
 
     examples, proc = _mt_shapes_examples(tmp_path, 8, "llava_next")
     cfg = RecipeConfig(family="llava_next")
@@ -265,7 +272,7 @@ def test_dropped_image_tokens_keep_answers_and_targets_in_place(tmp_path):
 
     import torch
 
-    from infra.reference.recipe import thin_tokens
+    from infra.reference.targets import thin_tokens
 
     examples, proc = _mt_shapes_examples(tmp_path, 4)
     image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
@@ -291,7 +298,8 @@ def test_dropped_image_tokens_keep_answers_and_targets_in_place(tmp_path):
 def test_forward_with_every_token_kept_equals_the_model(tmp_path):
     import torch
 
-    from infra.reference.recipe import RecipeConfig, build_model, collate, forward_kept
+    from infra.reference.config import RecipeConfig
+    from infra.reference.training import build_model, collate, forward_kept
 
     examples, proc = _mt_shapes_examples(tmp_path, 2)
     tok = proc.tokenizer

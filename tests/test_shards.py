@@ -13,9 +13,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import shards
-from pipeline.shards import (CorruptShard, IncompatibleOutput, StageOutput, arrow_to_features, bytes_per_answer_token,
-                             config_hash, features_to_arrow, iter_webdataset, teacher_targets)
+from pipeline import tensor_columns as shards
+from pipeline.hashing import config_hash
+from pipeline.shards import CorruptShard, IncompatibleOutput, StageOutput, bytes_per_answer_token, iter_webdataset
+from pipeline.tensor_columns import arrow_to_features, features_to_arrow, teacher_targets
 
 FORMATS = ["parquet", "webdataset", "arrow"]
 

@@ -155,7 +155,7 @@ def test_driver_killed_mid_stage_then_rerun_matches_uninterrupted(workspace, ray
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     out_dir = Path(extract.output_uri(config, "train"))
     log = open(workspace / "kill.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config_file), "--stages", "extract"],
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.commands.cli", "run", str(config_file), "--stages", "extract"],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list(out_dir.glob("part-*.parquet")) and time.monotonic() < deadline and driver.poll() is None:

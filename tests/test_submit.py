@@ -140,14 +140,14 @@ def write_config(root: Path, name: str, **extra) -> Path:
 
 def metacompress(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.commands.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
 # --- the job's plan, without a cluster ---
 
 def test_submission_id_follows_stages_and_config(tmp_path):
-    from pipeline.submit import plan_job
+    from pipeline.commands.submit import plan_job
 
     config = write_config(tmp_path, "c.yaml")
     a = plan_job(config, "extract")
@@ -157,7 +157,7 @@ def test_submission_id_follows_stages_and_config(tmp_path):
     assert a.submission_id.startswith("metacompress-extract-")
     # the config lies outside the project: passed by absolute path; --set goes to the job too
     b = plan_job(config, "teacher,extract", ["teacher.top_k=4"], python="/opt/py/bin/python")
-    assert b.entrypoint == (f"/opt/py/bin/python -m pipeline.cli run {config} --stages extract,teacher "
+    assert b.entrypoint == (f"/opt/py/bin/python -m pipeline.commands.cli run {config} --stages extract,teacher "
                             "--set teacher.top_k=4")
     env = b.runtime_env["env_vars"]
     assert env["HF_HUB_OFFLINE"] == "1" and "RAY_AUTH_MODE" not in env  # the cluster decides its own auth mode
@@ -165,8 +165,8 @@ def test_submission_id_follows_stages_and_config(tmp_path):
 
 
 def test_config_inside_the_project_needs_shared_work_dir(tmp_path):
+    from pipeline.commands.submit import plan_job
     from pipeline.config import ConfigError
-    from pipeline.submit import plan_job
 
     (tmp_path / "configs").mkdir()
     relative = tmp_path / "configs" / "rel.yaml"
@@ -178,7 +178,7 @@ def test_config_inside_the_project_needs_shared_work_dir(tmp_path):
 
 
 def test_resubmission_decisions():
-    from pipeline.submit import attempts, decide
+    from pipeline.commands.submit import attempts, decide
 
     def job(sid, status):
         return SimpleNamespace(submission_id=sid, status=SimpleNamespace(value=status))
@@ -200,12 +200,12 @@ def test_upload_is_the_sources_only(tmp_path):
     """The working dir as Ray packs it with our excludes alone (.gitignore ignored): sources, no venv or outputs."""
     from ray._private.runtime_env.packaging import create_package
 
-    from pipeline.submit import EXCLUDES
+    from pipeline.commands.submit import EXCLUDES
 
     package = tmp_path / "pkg.zip"
     create_package(str(ROOT), package, include_gitignore=False, excludes=EXCLUDES)
     names = zipfile.ZipFile(package).namelist()
-    assert {"pipeline/submit.py", "pipeline/cli.py", "stages/extract.py", "compress/metacompress.py"} <= set(names)
+    assert {"pipeline/commands/submit.py", "pipeline/commands/cli.py", "stages/extract.py", "compress/metacompress.py"} <= set(names)
     tops = {n.split("/")[0] for n in names}
     assert not tops & {".venv", ".git", "work", "mlruns", "data"}
     assert not [n for n in names if "__pycache__" in n or n.endswith(".db")]
@@ -232,10 +232,10 @@ def test_submit_round_trip_trains_and_registers_on_the_mlflow_server(tmp_path, m
 
     from compress.metacompress import MetaCompress
     from pipeline import tracking
+    from pipeline.commands.submit import plan_job
     from pipeline.config import load_config
     from pipeline.dialogues import load_dialogues
     from pipeline.shards import StageOutput
-    from pipeline.submit import plan_job
     from stages import extract, train
 
     uri, artifacts = mlflow_server
@@ -290,7 +290,7 @@ def test_submit_round_trip_trains_and_registers_on_the_mlflow_server(tmp_path, m
 def test_failed_job_exits_non_zero_and_is_retried_under_a_new_id(tmp_path, ray_head, mlflow_server):
     from ray.job_submission import JobSubmissionClient
 
-    from pipeline.submit import plan_job
+    from pipeline.commands.submit import plan_job
 
     uri, _ = mlflow_server
     path = write_config(tmp_path, "broken.yaml", tracking={"uri": uri, "experiment": "submit-broken"})

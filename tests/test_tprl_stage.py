@@ -248,8 +248,8 @@ def test_prompt_dependent_reducer_gets_the_first_questions_embedding(workspace):
 
 
 def test_disabled_stage_is_skipped_and_selectable(workspace):
+    from pipeline.commands.run import parse_stages
     from pipeline.config import TPRLConfig
-    from pipeline.run import parse_stages
     from stages import tprl
 
     config = tiny_config(workspace, enabled=False)

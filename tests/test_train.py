@@ -14,9 +14,9 @@ def build_cache(config, split: str) -> None:
     """extract + teacher for ``split`` in this process (the stages' own workers, without actor start-up)."""
     from pipeline.shards import StageOutput, read_completed
     from stages import extract, teacher
-    from stages.common import shard_ranges
+    from stages.common import load_split, shard_ranges
 
-    records, _ = extract.load_split(config, split, None)
+    records, _ = load_split(config, split, None)
     ranges = shard_ranges(len(records), config.shards.dialogues_per_shard)
     f_args = extract.output_args(config, split)
     StageOutput(**f_args).prepare(config.to_dict())
@@ -79,8 +79,9 @@ def objective(config, directory=None) -> float:
 
     from compress.lvlm import load_adapter
     from compress.metacompress import MetaCompress
-    from stages.train import build_student, make_plan
-    from stages.train_data import CachedSource
+    from stages.train import make_plan
+    from stages.train.data import CachedSource
+    from stages.train.student import build_student
 
     adapter = load_adapter(config.model.path)
     student = build_student(adapter, config.train, config.train.seed)
@@ -136,7 +137,7 @@ def test_zero2_two_workers_learn_identically_and_track(zero2_run):
 
     from compress.metacompress import MetaCompress
     from stages.train import make_plan
-    from stages.train_data import CachedSource
+    from stages.train.data import CachedSource
 
     registered = tracking.load_compressor(f"models:/{config.tracking.registered_model}@candidate")
     trained = MetaCompress.from_pretrained(directory)
@@ -189,8 +190,9 @@ def test_cached_and_online_teacher_give_the_same_loss(workspace):
     import torch
 
     from compress.lvlm import load_adapter
-    from stages.train import build_student, make_plan
-    from stages.train_data import CachedSource, OnlineSource
+    from stages.train import make_plan
+    from stages.train.data import CachedSource, OnlineSource
+    from stages.train.student import build_student
 
     config = make_config(workspace, "base")
     adapter = load_adapter(config.model.path)
@@ -218,7 +220,7 @@ def test_cached_and_online_teacher_give_the_same_loss(workspace):
 
 
 def test_epoch_order_partitions_the_data_by_shard_and_reshuffles():
-    from stages.train_data import batch_keys, epoch_order, steps_per_epoch
+    from stages.train.data import batch_keys, epoch_order, steps_per_epoch
 
     rows = [4, 4, 3, 4, 2]
     orders = {(e, r): epoch_order(rows, 7, e, r, 2) for e in (0, 1) for r in (0, 1)}

@@ -9,7 +9,7 @@ layer whose output is ``hidden_states[feature_layer]``: layer 22 for LLaVA's -2,
    contextual))[:contextual]``; every other remaining patch joins its most cosine-similar target, the similarity
    taken on the keys of that layer averaged over heads. ``merge="mean"`` (default) makes each contextual token the
    plain average of its group (target included), the paper's "merge by averaging"; ``merge="official"`` gives the
-   released ``target + mean(assigned)``, whose scale drifts with the group (notes/baselines.md 3.3).
+   released ``target + mean(assigned)``, whose scale drifts with the group (docs/design.md §4.4.5).
 Output: [dominant] + [contextual], ``num_keep = dominant + contextual`` tokens, every one of them reaching the LLM.
 Default split: the published 54+10 / 108+20 / 162+30 ratio (``contextual = round(num_keep * 10 / 64)``).
 

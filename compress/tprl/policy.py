@@ -1,6 +1,6 @@
 """TPRL policy: per-token keep/drop decisions over the autoencoded visual tokens and the prompt, with a value head.
 
-MDP (seed abstract; notes/baselines.md 2.2). State ``s_t = (Z_t, q, t)``: the latents of the tokens still kept, the
+MDP (seed abstract; docs/design.md §4.5.2). State ``s_t = (Z_t, q, t)``: the latents of the tokens still kept, the
 prompt query ``q`` (the mean input embedding of the prompt's text tokens, one vector of the LLM width) and the step.
 Action: ``a_{t,i} ~ Bernoulli(lambda^t * p_{t,i})`` per token, ``p = sigmoid(logit)``, ``lambda`` = step discount
 (0.5), so later steps prune harder. Kept tokens form the next state; at most ``max_steps`` (3) steps.
@@ -404,7 +404,7 @@ def progressive_counts(n: int, num_keep: int, steps: int) -> list[int]:
 class TPRLReducer:
     """The trained policy as a feature reducer: ``fn(x (n, d), num_keep, layout=None, prompt_embedding=(d_query,))``
     -> Reduction with ``num_keep`` tokens kept in their original order. Prompt-dependent: in multi-turn dialogues the
-    caller passes the first turn's prompt embedding (DESIGN 5). The layout is not used (TPRL scores tokens only).
+    caller passes the first turn's prompt embedding (docs/design.md §5). The layout is not used (TPRL scores tokens only).
 
     ``schedule``: "one_shot" keeps the top ``num_keep`` by p at step 0 (the public code's inference); "progressive"
     replays the policy's own steps, each keeping the top tokens by that step's p down to ``progressive_counts``.

@@ -1,6 +1,6 @@
 """PPO for the TPRL policy: GAE, a rollout buffer of variable-size steps, and the clipped-ratio update.
 
-Differences from the public TPRL code (notes/baselines.md 2.6) on purpose:
+Differences from the public TPRL code (docs/design.md §4.5.5) on purpose:
 - the new log-probabilities come from the same ``joint_log_prob`` with the same per-step discount as when sampling,
   so the ratio is exactly 1 before the first optimiser step;
 - minibatches mix steps with different token counts through padding and masks;

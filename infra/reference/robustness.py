@@ -44,7 +44,7 @@ def first_turn_accuracy(model_dir: str | Path, dialogues_path: str | Path, keep:
     from compress.lvlm import load_adapter
     from compress.lvlm.base import EncodedImage
     from compress.lvlm.session import BatchChatSession
-    from infra.reference.recipe import scenes_for
+    from infra.reference.targets import scenes_for
     from pipeline.datasets.mt_shapes import patch_labels
     from pipeline.dialogues import load_dialogues
     from pipeline.metrics import exact_match

@@ -1,4 +1,4 @@
-"""MT-Shapes: synthetic multi-turn VQA about simple shapes, the project's own benchmark (DESIGN section 7).
+"""MT-Shapes: synthetic multi-turn VQA about simple shapes, the project's own benchmark (docs/design.md §7).
 
 A scene is a textured background split into a 3 x 3 grid of regions (rows top/middle/bottom, columns
 left/center/right). Each occupied region holds exactly one object with a shape, a colour and a size. Each dialogue

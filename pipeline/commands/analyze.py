@@ -1,4 +1,4 @@
-"""``metacompress analyze oracle``: the per-image oracle analysis (paper section 4, figures 1 and 5; DESIGN 4.3).
+"""``metacompress analyze oracle``: the per-image oracle analysis (paper section 4, figures 1 and 5; docs/design.md §4.3).
 
     metacompress analyze oracle --model DIR --dialogues FILE --rate 0.75 [--n 8] [--steps 500] [--compressor DIR]
 
@@ -42,14 +42,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     o = sub.add_parser("oracle", help="fit the per-image oracle and compare it with the methods and attention",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     o.add_argument("--model", required=True, help="local LLaVA / LLaVA-NeXT checkpoint directory")
-    o.add_argument("--dialogues", required=True, help="dialogues.jsonl (DESIGN 3)")
+    o.add_argument("--dialogues", required=True, help="dialogues.jsonl (docs/design.md §3)")
     o.add_argument("--rate", type=float, required=True, help="share of visual tokens removed, in (0, 1)")
     o.add_argument("--n", type=int, default=8, help="number of dialogues (the first N of the file)")
     o.add_argument("--steps", type=int, default=500, help="SGD steps of the oracle (paper: 500)")
     o.add_argument("--lr", type=float, default=10.0, help="SGD learning rate of the oracle (paper: 10)")
     o.add_argument("--entropy-weight", type=float, default=1.0)
     o.add_argument("--topk", type=int, default=64, help="L_pred over the teacher's top-k ids plus the tail bucket "
-                                                        "(DESIGN 3); 0: KL over the full vocabulary")
+                                                        "(docs/design.md §3); 0: KL over the full vocabulary")
     o.add_argument("--compressor", default=None, help="trained MetaCompress directory (adds the metacompress row)")
     o.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated baselines to compare")
     o.add_argument("--keep-rule", choices=("argmax", "mass"), default="argmax",
@@ -351,7 +351,7 @@ def run_oracle(args: argparse.Namespace) -> int:
     import torch
 
     from compress.lvlm import load_adapter
-    from stages.evaluate import score
+    from pipeline.metrics import score
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     adapter = load_adapter(args.model, device=device,

@@ -1,4 +1,4 @@
-"""``metacompress reference build``: train a reference LVLM (issue 4, item 5; DESIGN section 7).
+"""``metacompress reference build``: train a reference LVLM (issue 4, item 5; docs/design.md §7).
 
     metacompress reference build --family llava|llava_next --out DIR [--dialogues FILE] [--steps N]
                                  [--device cpu|cuda] [--eval FILE] ...
@@ -46,10 +46,10 @@ def _build(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from infra.reference.recipe import model_card
+    from infra.reference.card import write_model_card
 
     command = "metacompress " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    (out / "MODEL_CARD.md").write_text(model_card(summary, command))
+    write_model_card(summary, command, out)
     print(json.dumps({k: summary[k] for k in ("family", "parameters", "train_s") if k in summary}
                      | {"test": summary.get("test")}, indent=1))
     return 0

@@ -1,4 +1,4 @@
-"""``metacompress data ...``: build the benchmarks as ``dialogues.jsonl`` files (DESIGN section 3).
+"""``metacompress data ...``: build the benchmarks as ``dialogues.jsonl`` files (docs/design.md §3).
 
     metacompress data mt-shapes --out DIR --dialogues N --seed S [--image-size 96] [--aspect 1|W:H|random]
     metacompress data mt-vqa-v2 --questions F --annotations F --images DIR --out DIR

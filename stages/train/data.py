@@ -9,13 +9,12 @@ DeepSpeed in step.
 
 Two sources give the same :class:`Example`: ``CachedSource`` reads the extract + teacher shards; ``OnlineSource``
 runs the vision tower and the teacher (greedy multi-turn generation + top-k targets) on the fly (paper Algorithm 1).
-The online targets are rounded to the cache's storage types (features to ``extract.storage_dtype``, log-probs to
+The online targets are rounded to the cache's storage types (features to ``stages.outputs.storage_dtype``, log-probs to
 float16), so switching modes never changes what the compressor is trained on.
 """
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from compress.layout import Layout
+from stages.common import feature_row
 
 Key = tuple[int, int]  # (shard, row)
 
@@ -77,13 +77,6 @@ def batch_keys(shard_rows: list[int], seed: int, step: int, rank: int, world: in
     return epoch_order(shard_rows, seed, epoch, rank, world)[position * micro:(position + 1) * micro]
 
 
-def features_tensor(array: np.ndarray) -> torch.Tensor:
-    """A stored feature array (float16, or uint16 bits of bfloat16) -> a torch tensor of the stored dtype."""
-    from pipeline.shards import bf16_to_torch
-
-    return bf16_to_torch(array) if array.dtype == np.uint16 else torch.from_numpy(np.array(array))
-
-
 class CachedSource:
     """Examples from feature + teacher shards. ``questions``: dialogue_id -> questions (from the dialogue file:
     the shards hold no text). Keeps the last two shards in memory (a batch can straddle shards)."""
@@ -108,7 +101,7 @@ class CachedSource:
                 raise KeyError(f"dialogue {did!r} of {self.features.shard_uri(shard)} is not in the dialogue file; "
                                "the cache was built from another dataset: re-run extract and teacher")
             out.append(Example(
-                did, features_tensor(f["features"]), Layout.from_dict(json.loads(f["layout"])), self.questions[did],
+                did, *feature_row(f), self.questions[did],
                 [[int(i) for i in a] for a in t["answer_ids"]],
                 _cat([np.asarray(x, dtype=np.float32) for x in t["topk_logprobs"]], np.float32),
                 _cat([np.asarray(x, dtype=np.int64) for x in t["topk_ids"]], np.int64),
@@ -153,9 +146,9 @@ def online_examples(adapter, records: list[dict], top_k: int, max_new_tokens: in
                     storage: torch.dtype) -> list[Example]:
     """Vision tower + full-token teacher for ``records`` (dialogue_id, image, questions): the teacher's greedy
     answers (its own history) and its top-k targets at every answer token, as the teacher stage caches them."""
+    from compress.losses import topk_targets
     from compress.lvlm.base import EncodedImage
     from compress.lvlm.session import BatchChatSession, answer_logits_batch
-    from stages.teacher import topk_targets
 
     ad = adapter
     encoded = []

@@ -22,10 +22,9 @@ def _trim(plan: dict, shards: int) -> dict:
 
 def bench_train(args) -> None:
     from pipeline.cluster import init_ray
+    from pipeline.commands.run import prepare_data
     from pipeline.config import load_config
     from stages.train import make_plan, train_rate
-
-    from pipeline.run import prepare_data
 
     config = load_config(args.config)
     prepare_data(config)  # an MT-Shapes config names its splits only once they are generated

@@ -1,7 +1,7 @@
-"""`metacompress submit CONFIG --address URL`: the pipeline as a Ray job on a running cluster (DESIGN 6).
+"""`metacompress submit CONFIG --address URL`: the pipeline as a Ray job on a running cluster (docs/design.md §6).
 
 The job ships this project as its working directory (sources only: see EXCLUDES) and runs
-``python -m pipeline.cli run CONFIG --stages ...`` on the head node, where it joins the cluster through the
+``python -m pipeline.commands.cli run CONFIG --stages ...`` on the head node, where it joins the cluster through the
 RAY_ADDRESS that Ray sets for jobs. A config inside the project travels with it (relative paths in it then resolve
 inside the job's copy, so its ``work_dir`` must be absolute: shared storage); a config outside the project is passed
 by absolute path and must be readable at that path on the head node (shared storage).
@@ -61,8 +61,8 @@ def submission_id(config_dict: dict, stages: list[str]) -> str:
 def plan_job(config_path: str | Path, stages: str | None = None, sets: list[str] | None = None,
              overwrite: bool = False, python: str = "python", root: Path = PROJECT_ROOT) -> JobPlan:
     """Validate the config here (errors before any upload) and build the job: entrypoint, runtime env, id."""
+    from pipeline.commands.run import parse_overrides, parse_stages
     from pipeline.config import ConfigError, load_config
-    from pipeline.run import parse_overrides, parse_stages
 
     path = Path(config_path)
     names = parse_stages(stages)
@@ -76,7 +76,7 @@ def plan_job(config_path: str | Path, stages: str | None = None, sets: list[str]
         raise ConfigError(f"{path}: work_dir resolves to {config.work_dir}, inside the project, which the job only "
                           "sees as a temporary copy: set an absolute work_dir on storage every node shares, e.g. "
                           "--set work_dir=/mnt/shared/work/NAME")
-    command = [python, "-m", "pipeline.cli", "run", argument, "--stages", ",".join(names)]
+    command = [python, "-m", "pipeline.commands.cli", "run", argument, "--stages", ",".join(names)]
     for pair in sets or []:
         command += ["--set", pair]
     if overwrite:

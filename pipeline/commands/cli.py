@@ -9,7 +9,7 @@ import sys
 from pipeline.env import apply_defaults
 
 # Modules stay light at import time: heavy libraries are imported inside the command functions.
-COMMAND_MODULES = ["pipeline.demo", "pipeline.run", "pipeline.chat_cli", "pipeline.bench", "pipeline.data_cli", "pipeline.analyze", "pipeline.reference_cli", "pipeline.submit"]
+COMMAND_MODULES = ["pipeline.commands.demo", "pipeline.commands.run", "pipeline.commands.chat", "pipeline.commands.bench", "pipeline.commands.data", "pipeline.commands.analyze", "pipeline.commands.reference", "pipeline.commands.submit"]
 
 
 def build_parser() -> argparse.ArgumentParser:

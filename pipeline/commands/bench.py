@@ -158,8 +158,8 @@ def register(subparsers) -> None:
     p.add_argument("--work-dir", help="where data and outputs go (default: a new temporary directory)")
     p.set_defaults(func=bench_extract)
 
-    from pipeline.bench_efficiency import register as register_efficiency
-    from pipeline.bench_train import register_bench as register_train
+    from pipeline.commands.bench_efficiency import register as register_efficiency
+    from pipeline.commands.bench_train import register_bench as register_train
 
     register_efficiency(which)
     register_train(which)

@@ -1,0 +1,332 @@
+"""Training of the reference LVLMs: model and processor construction, stage 1 (the vision tower on dense labels)
+and stage 2 (projector + decoder on whole dialogues, answer-only loss plus attention supervision); see
+:mod:`infra.reference.recipe` for the recipe and :mod:`infra.reference.targets` for what it learns from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from infra.reference.config import IGNORE, RecipeConfig
+from infra.reference.targets import HEAD_GROUPS, SUPERVISED_HEADS, dialogue_example, thin_tokens, vision_example
+
+
+# ----------------------------------------------------------------------------------------------------- model
+def build_model(cfg: RecipeConfig, vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int):
+    """A randomly initialised model of transformers' own classes, sized by ``cfg``."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vc = CLIPVisionConfig(image_size=cfg.tile_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_hidden,
+                          intermediate_size=2 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
+                          num_attention_heads=cfg.vision_heads, projection_dim=cfg.vision_hidden)
+    tc = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+                     num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                     num_key_value_heads=cfg.text_heads, max_position_embeddings=1024, pad_token_id=pad_id,
+                     bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=True,
+                     initializer_range=cfg.text_init_std or cfg.text_hidden ** -0.5)
+    grid = (cfg.tile_size // cfg.patch_size) ** 2
+    # vision_feature_layer=-1: the decoder reads the very layer that the dense heads were trained on.
+    common = dict(vision_config=vc, text_config=tc, image_token_index=image_token_id, image_seq_length=grid,
+                  vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=True)
+    if cfg.family == "llava":
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        config = LlavaConfig(**common)
+        model = LlavaForConditionalGeneration(config)
+    else:
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+        config = LlavaNextConfig(image_grid_pinpoints=cfg.grid_pinpoints, **common)
+        model = LlavaNextForConditionalGeneration(config)
+    for key, value in (("pad_token_id", pad_id), ("bos_token_id", bos_id), ("eos_token_id", eos_id)):
+        setattr(model.generation_config, key, value)
+    return model
+
+
+def build_processor(cfg: RecipeConfig, tokenizer):
+    """The image processor (PIL backend: no torchvision needed) + tokenizer + chat template, as one processor."""
+    from infra.reference.tokenizer import CHAT_TEMPLATE, IMAGE
+
+    t = cfg.tile_size
+    if cfg.family == "llava":
+        from transformers import LlavaProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        ip = CLIPImageProcessorPil(size={"shortest_edge": t}, crop_size={"height": t, "width": t})
+        return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+                              patch_size=cfg.patch_size, vision_feature_select_strategy="default",
+                              image_token=IMAGE, num_additional_image_tokens=1)
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": t}, crop_size={"height": t, "width": t},
+                                    image_grid_pinpoints=cfg.grid_pinpoints)
+    return LlavaNextProcessor(image_processor=ip, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+                              patch_size=cfg.patch_size, vision_feature_select_strategy="default",
+                              image_token=IMAGE, num_additional_image_tokens=1)
+
+
+# ---------------------------------------------------------------------------------- stage 1: vision tower
+class DenseHead:
+    """A linear map from the tower's patch features to the logits of every :data:`HEAD_GROUPS` group."""
+
+    def __new__(cls, hidden: int):
+        import torch
+
+        return torch.nn.Linear(hidden, sum(HEAD_GROUPS.values()))
+
+
+def dense_loss(logits, targets: dict[str, Any]):
+    """Sum over groups of the cross-entropy. ``logits`` (N, P, sum(HEAD_GROUPS)); targets {group: (N, P)}.
+    Returns (loss, {group: accuracy on non-ignored patches})."""
+    import torch.nn.functional as F
+
+    loss, acc, start = 0.0, {}, 0
+    for name, n in HEAD_GROUPS.items():
+        lg, tg = logits[..., start:start + n].reshape(-1, n), targets[name].reshape(-1)
+        start += n
+        valid = tg != IGNORE
+        if valid.any():
+            loss = loss + F.cross_entropy(lg, tg, ignore_index=IGNORE)
+            acc[name] = float((lg.argmax(-1)[valid] == tg[valid]).float().mean())
+    return loss, acc
+
+
+def tower_patch_features(model, pixel_values):
+    """(N, P, d) patch features of the layer the decoder reads (CLS dropped), with gradients."""
+    vt = model.model.vision_tower
+    out = vt(pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def pretrain_vision(model, processor, items: Sequence[tuple[str, Any]], cfg: RecipeConfig,
+                    log: Callable[[str], None] = print, device: str = "cpu") -> tuple[list[dict[str, float]], Any]:
+    """Stage 1. ``items``: (image path, Scene) pairs. Trains the tower in place; returns the logged curve (step,
+    loss, accuracies of the last batch) and the dense head (stage 2 warm-starts the projector from it)."""
+    import torch
+    from PIL import Image
+
+    torch.manual_seed(cfg.seed)
+    head = DenseHead(cfg.vision_hidden).to(device)
+    params = list(model.model.vision_tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=cfg.weight_decay)
+    cache: dict[int, tuple[Any, dict[str, Any]]] = {}
+    rng = random.Random(cfg.seed)
+    curve, t0 = [], time.time()
+    model.train()
+    for step in range(cfg.stage1_steps):
+        idx = [rng.randrange(len(items)) for _ in range(cfg.stage1_batch)]
+        for i in idx:
+            if i not in cache:
+                with Image.open(items[i][0]) as im:
+                    cache[i] = vision_example(im.convert("RGB"), items[i][1], processor, cfg)
+        pv = torch.cat([cache[i][0] for i in idx]).to(device)
+        targets = {k: torch.cat([cache[i][1][k] for i in idx]).to(device) for k in HEAD_GROUPS}
+        for gr in opt.param_groups:
+            gr["lr"] = cfg.stage1_lr * _schedule(step, cfg.stage1_steps, cfg.warmup)
+        loss, acc = dense_loss(head(tower_patch_features(model, pv)), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.stage1_steps:
+            row = {"step": step + 1, "loss": float(loss.detach()), "s": time.time() - t0, **acc}
+            curve.append(row)
+            log("stage1 " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    return curve, head
+
+
+# ------------------------------------------------------------------------------ stage 2: dialogue training
+def attention_loss(attentions, batch: dict[str, Any], image_token_id: int):
+    """Where the answers should look, as cross-entropies at each answer-predicting position, for heads 0 and 1:
+
+    - head h of the first layer against a uniform distribution over the turn's key words for h (it gathers what is
+      asked and where: "colour", "top left", "red circle"; see :func:`key_word_positions`);
+    - head h of each of the last ``V`` layers against :func:`attention_targets` for its view and h over [first
+      token, the image tokens] (they fetch the objects that answer it).
+
+    Supervising every hop makes each a one-step lookup, which small decoders learn within a few hundred steps;
+    from answer tokens alone they sat at chance for thousands. ``attentions``: the model's per-layer (B, H, L, L)
+    tuple; ``batch`` holds ``input_ids``, ``attn_pos`` (B, T; -1 = no turn), ``attn_target`` (B, T, V, 2, 1 + n;
+    zero-padded past a dialogue's own image tokens) and ``attn_question`` (B, T, 2, W; key-word positions, -1
+    padded). Returns the mean over dialogues of the mean over turns of the sum over the supervised heads."""
+    import torch
+
+    views = batch["attn_target"].shape[2]
+    turns = batch["attn_pos"] >= 0  # (B, T)
+    n_turns = turns.sum(1)
+    rows = batch["attn_pos"].clamp(min=0)
+
+    def at(layer, cols):  # layer (B, H, L, L), cols (B, 2, T, W) -> (B, 2, T, W): heads 0/1 at each answer row
+        a = layer[:, :SUPERVISED_HEADS]
+        a = a.gather(2, rows[:, None, :, None].expand(-1, a.shape[1], -1, a.shape[3]))
+        return a.gather(3, cols)
+
+    # Columns: the first token, then each dialogue's image tokens in order (padded with column 0 at weight 0).
+    is_image = batch["input_ids"] == image_token_id
+    b, t, _, _, width = batch["attn_target"].shape
+    order = torch.sort((~is_image).to(torch.int8), dim=1, stable=True).indices[:, :width - 1]
+    image_cols = torch.where(torch.gather(is_image, 1, order), order, 0)
+    cols = torch.cat([image_cols.new_zeros(b, 1), image_cols], dim=1)
+    cols = cols[:, None, None].expand(-1, SUPERVISED_HEADS, t, -1)
+    target = batch["attn_target"].permute(0, 2, 3, 1, 4)  # (B, V, 2, T, W)
+    fetch = torch.stack([at(layer, cols) for layer in attentions[len(attentions) - views:]], 1)
+    per_turn = -(target * torch.log(fetch + 1e-6)).sum(-1).sum((1, 2))  # (B, T)
+    words = batch["attn_question"].transpose(1, 2)  # (B, 2, T, K)
+    has = words >= 0
+    gathered = torch.log(at(attentions[0], words.clamp(min=0)) + 1e-6)
+    per_turn = per_turn - ((gathered * has).sum(-1) / has.sum(-1).clamp(min=1)).sum(1)
+    loss = (per_turn * turns).sum(1) / n_turns.clamp(min=1)
+    live = n_turns > 0
+    return loss[live].mean() if live.any() else loss.new_zeros(())
+
+
+def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded batch: input_ids / labels / attention_mask (B, L), pixel_values stacked (tiles padded)."""
+    import torch
+
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for b, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[b, :k], labels[b, :k], mask[b, :k] = e["input_ids"], e["labels"], 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    pvs = [e["pixel_values"] for e in examples]
+    if "image_sizes" in examples[0]:
+        tiles = max(p.shape[0] for p in pvs)
+        pvs = [torch.cat([p, p.new_zeros(tiles - p.shape[0], *p.shape[1:])]) for p in pvs]
+        batch["image_sizes"] = torch.stack([e["image_sizes"] for e in examples])
+    batch["pixel_values"] = torch.stack(pvs)
+    if all("attn_pos" in e for e in examples):
+        turns = max(len(e["attn_pos"]) for e in examples)
+        batch["attn_pos"] = torch.full((len(examples), turns), -1, dtype=torch.long)
+        width = max(e["attn_target"].shape[-1] for e in examples)
+        batch["attn_target"] = torch.zeros(len(examples), turns, *examples[0]["attn_target"].shape[1:-1], width)
+        words = max(e["attn_question"].shape[-1] for e in examples)
+        batch["attn_question"] = torch.full((len(examples), turns, SUPERVISED_HEADS, words), -1, dtype=torch.long)
+        for b, e in enumerate(examples):
+            batch["attn_pos"][b, :len(e["attn_pos"])] = e["attn_pos"]
+            batch["attn_target"][b, :len(e["attn_target"]), ..., :e["attn_target"].shape[-1]] = e["attn_target"]
+            batch["attn_question"][b, :len(e["attn_question"]), :, :e["attn_question"].shape[-1]] = e["attn_question"]
+    return batch
+
+
+def forward_kept(model, inputs: dict[str, Any], kept: Sequence[Any], **kwargs):
+    """``model(**inputs)`` where dialogue b's prompt holds only the image tokens ``kept[b]`` (indices into the
+    features its image gives): the tower and projector run on the whole image, the kept features fill the image
+    positions of ``inputs_embeds``."""
+    import torch
+
+    extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+    features = model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra).pooler_output
+    rows = torch.cat([f[k.to(f.device)] for f, k in zip(features, kept)])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    mask = (inputs["input_ids"] == model.config.image_token_id)[..., None]
+    embeds = embeds.masked_scatter(mask, rows.to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=inputs["labels"], **kwargs)
+
+
+def warm_start_projector(model, head) -> None:
+    """Copy the stage-1 head into the first rows of the projector's first linear layer, so that from the first
+    stage-2 step part of every visual token is the tower's class evidence (colour, shape, size, anchor, region)
+    rather than a random mix of it."""
+    import torch
+
+    lin = model.model.multi_modal_projector.linear_1
+    k = head.weight.shape[0]
+    if lin.weight.shape[0] < k:
+        return  # a projector narrower than the head: nothing sensible to copy
+    with torch.no_grad():
+        lin.weight[:k] = head.weight.to(lin.weight.dtype)
+        lin.bias[:k] = head.bias.to(lin.bias.dtype)
+
+
+def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfig,
+                    log: Callable[[str], None] = print, device: str = "cpu",
+                    evaluate_fn: Callable[[Any, int], dict[str, float]] | None = None,
+                    eval_every: int = 0, scenes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Stage 2: projector + decoder (+ the tower at ``vision_lr_scale``) on whole dialogues, answer-only loss.
+    With MT-Shapes ``scenes`` and ``cfg.attention_weight`` > 0, two heads also learn where each answer should look
+    (:func:`attention_loss`)."""
+    import torch
+
+    torch.manual_seed(cfg.seed + 1)
+    vision = list(model.model.vision_tower.parameters())
+    vision_ids = {id(p) for p in vision}
+    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    groups = [{"params": rest, "scale": 1.0}]
+    for p in vision:
+        p.requires_grad_(cfg.vision_lr_scale > 0)
+    if cfg.vision_lr_scale > 0:
+        groups.append({"params": vision, "scale": cfg.vision_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay)
+    pad_id = processor.tokenizer.pad_token_id
+    cache: dict[int, dict[str, Any]] = {}
+    rng = random.Random(cfg.seed + 1)
+    curve: list[dict[str, Any]] = []
+    supervise = bool(scenes) and cfg.attention_weight > 0
+    if supervise:
+        model.set_attn_implementation("eager")  # attention weights are only materialised by eager attention
+    drop_rng = random.Random(cfg.seed + 2)  # its own stream: token_drop=0 leaves the batches as they were
+    image_id = model.config.image_token_id
+    t0, run_loss, run_att, run_n = time.time(), 0.0, 0.0, 0
+    for step in range(cfg.stage2_steps):
+        model.train()
+        idx = [rng.randrange(len(dialogues)) for _ in range(cfg.stage2_batch)]
+        for i in idx:
+            if i not in cache:
+                scene = (scenes or {}).get(dialogues[i].meta.get("scene_id", dialogues[i].dialogue_id))
+                if scene is not None and cfg.family == "llava" and scene.width != scene.height:
+                    scene = None  # the centre crop would cut the image: the patch grid would not cover it
+                cache[i] = dialogue_example(dialogues[i], processor, scene, cfg)
+        examples = [cache[i] for i in idx]
+        if cfg.token_drop > 0:
+            examples = [thin_tokens(e, drop_rng, image_id) if "attn_pos" in e and drop_rng.random() < cfg.token_drop
+                        else e for e in examples]
+        batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+        for gr in opt.param_groups:
+            gr["lr"] = cfg.stage2_lr * gr["scale"] * _schedule(step, cfg.stage2_steps, cfg.warmup)
+        inputs = {k: v for k, v in batch.items() if not k.startswith("attn_")}
+        supervised = supervise and "attn_pos" in batch
+        if any("kept" in e for e in examples):
+            kept = [e.get("kept", torch.arange(int((e["input_ids"] == image_id).sum()))) for e in examples]
+            out = forward_kept(model, inputs, kept, output_attentions=supervised)
+        else:
+            out = model(**inputs, output_attentions=supervised)
+        loss = out.loss
+        att_loss = attention_loss(out.attentions, batch, image_id) if supervised else None
+        total = loss if att_loss is None else loss + cfg.attention_weight * att_loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        run_loss, run_n = run_loss + float(loss.detach()), run_n + 1
+        run_att += float(att_loss.detach()) if att_loss is not None else 0.0
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.stage2_steps:
+            row: dict[str, Any] = {"step": step + 1, "loss": round(run_loss / run_n, 4), "s": round(time.time() - t0, 1)}
+            if supervise:
+                row["attention_loss"] = round(run_att / run_n, 4)
+            run_loss, run_att, run_n = 0.0, 0.0, 0
+            if evaluate_fn is not None and eval_every and ((step + 1) % eval_every == 0
+                                                           or step + 1 == cfg.stage2_steps):
+                row["eval"] = evaluate_fn(model, step + 1)
+            curve.append(row)
+            log("stage2 " + json.dumps(row))
+    for p in vision:
+        p.requires_grad_(True)
+    if supervise:
+        model.set_attn_implementation("sdpa")
+    return curve

@@ -1,0 +1,66 @@
+"""The evaluate stage's MLflow logging and the registry's promotion of the trained compressors."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.config import PipelineConfig
+from pipeline.hashing import config_hash, file_sha256
+from stages.evaluate.planning import COMPRESSOR_WEIGHTS, Job, protocol
+from stages.outputs import EVALUATE as STAGE
+
+log = logging.getLogger("metacompress")
+
+
+def _metric_prefix(method: str, rate: float | None) -> str:
+    return method if rate is None else f"{method}/r{rate:g}"
+
+
+def evaluated_compressors(config: PipelineConfig, jobs: list[Job], summaries: list[dict]):
+    """registry.Evaluated for each MetaCompress rate: its score, its weights' sha256 and every baseline at its rate."""
+    from pipeline.registry import Evaluated
+
+    out = []
+    for job in jobs:
+        if job.method != "metacompress":
+            continue
+        avg = {s["method"]: s["Avg"] for s in summaries if s["rate"] == job.rate}
+        baselines = {m: a for m, a in avg.items() if m != "metacompress"}
+        key = config_hash({**protocol(config), "rate": job.rate, "data": job.out_args["input_hash"]})
+        out.append(Evaluated(job.rate, file_sha256(f"{job.compressor}/{COMPRESSOR_WEIGHTS}"), avg["metacompress"],
+                             baselines, key))
+    return out
+
+
+def track(config: PipelineConfig, split: str, jobs: list[Job], summaries: list[dict], reports_path: str,
+          agreement_reference: str, skipped: list[str]) -> dict | None:
+    """Log params, metrics and report files to the stage's MLflow run; promote the candidate. Returns the decision."""
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.registry import promote
+
+    ev = config.evaluate
+    params = {"split": split, "methods": ",".join(j.key for j in jobs), "history": ev.history,
+              "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size, "cached_features": ev.cached_features,
+              "dialogues": summaries[0]["dialogues"], "agreement_reference": agreement_reference}
+    with tracking.stage_run(config, STAGE, params=params):
+        metrics = {}
+        for s in summaries:
+            prefix = _metric_prefix(s["method"], s["rate"])
+            for k, v in s.items():
+                if k not in ("method", "rate", "dialogues") and v is not None:
+                    metrics[f"{prefix}/{k}"] = float(v)
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(reports_path, artifact_path=f"reports/{split}")
+        if skipped:
+            mlflow.log_dict({"skipped": skipped}, f"reports/{split}/skipped.json")
+        evaluated = evaluated_compressors(config, jobs, summaries)
+        if not evaluated:
+            return None
+        decision = promote(tracking.tracking_uri(config), config.tracking.registered_model, evaluated).to_dict()
+        mlflow.log_dict(decision, "promotion.json")
+        mlflow.log_metric("promoted", float(decision["promoted"]))
+        mlflow.set_tag("promotion", decision["reason"])
+        log.info("evaluate: promotion: %s", decision["reason"])
+        return decision

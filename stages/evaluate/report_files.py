@@ -1,0 +1,100 @@
+"""The evaluate stage's report files: tables and plots (pipeline.reports), and the P matrices of the trained
+compressors on the first images (paper figures 6-7)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from pipeline.config import PipelineConfig
+from stages.common import feature_row
+from stages.evaluate.planning import Job
+from stages.outputs import complete_output, extract_args
+
+log = logging.getLogger("metacompress")
+
+
+def _cached_features(config: PipelineConfig, split: str, ids: list[str]) -> dict:
+    """dialogue_id -> (X_IMG (n, d) float32 tensor, Layout) from the extract stage's finished output of ``split``
+    (empty when it has none: the caller encodes the images itself)."""
+    out = complete_output(extract_args(config, split))
+    if out is None:
+        return {}
+    found, wanted = {}, set(ids)
+    for i in range(out.manifest()["num_shards"]):
+        for r in out.read_records(i):
+            if r["dialogue_id"] in wanted:
+                x, layout = feature_row(r)
+                found[r["dialogue_id"]] = (x.float(), layout)
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def matrix_items(config: PipelineConfig, split: str, jobs: list[Job], records: list[dict]) -> list[dict]:
+    """P of each evaluated MetaCompress rate for the first ``evaluate.matrix_images`` images (paper figures 6-7),
+    from the extract stage's cached features (else the images are encoded here, on the driver's CPU)."""
+    import numpy as np
+    import torch
+
+    from compress.lvlm.base import load_image
+    from compress.metacompress import MetaCompress
+    from compress.reduction import num_keep
+
+    mc = [j for j in jobs if j.method == "metacompress"]
+    chosen = records[:min(config.evaluate.matrix_images, len(records))]
+    if not mc or not chosen:
+        return []
+    features = _cached_features(config, split, [d["dialogue_id"] for d in chosen])
+    adapter = None
+    encoded = []
+    with torch.no_grad():
+        for d in chosen:
+            try:
+                image = np.asarray(load_image(d["image"]))
+                if d["dialogue_id"] not in features:
+                    if adapter is None:
+                        from compress.lvlm import load_adapter
+
+                        adapter = load_adapter(config.model.path, dtype=getattr(torch, config.model.dtype))
+                    enc = adapter.encode(d["image"])
+                    features[d["dialogue_id"]] = (enc.tokens.float(), enc.layout)
+            except (FileNotFoundError, ValueError, OSError) as err:
+                log.warning("evaluate: no P plot for %s (%s)", d["dialogue_id"], err)
+                continue
+            encoded.append((d, *features[d["dialogue_id"]], image))
+        items = []
+        for job in mc:
+            module = MetaCompress.from_pretrained(job.compressor).eval()
+            for d, x, layout, image in encoded:
+                p = module(x.to(module.w_key.dtype), num_keep(x.shape[0], job.rate), layout).matrix
+                seg = layout.segments[0]
+                items.append({"title": f"{d['dialogue_id']}, rate {job.rate:g}", "matrix": p.float().numpy(),
+                              "grid": (seg.height, seg.width), "indices": seg.indices(), "image": image})
+    return items
+
+
+def write_report_files(summaries, per_turn, matrices, target: str, batch_size: int, render_key: str) -> str:
+    """Reports into ``target`` (a local path, or any pyarrow.fs URI: written locally, then copied); ``matrices()``
+    makes the P plot items. A local ``target`` already rendered from the same outputs (``_render.json`` holds
+    ``render_key``) is left as it is, so a re-run does not redraw. Returns the local directory holding them."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.reports import write_reports
+
+    local = target if "://" not in target else tempfile.mkdtemp(prefix="metacompress-reports-")
+    stamp = Path(local, "_render.json")
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == render_key and \
+            all(Path(local, name).is_file() for name in json.loads(stamp.read_text())["files"]):
+        return local
+    written = write_reports(summaries, per_turn, local, matrices(), batch_size)
+    Path(local, "summaries.json").write_text(json.dumps(summaries, indent=1) + "\n")
+    stamp.write_text(json.dumps({"key": render_key, "files": [p.name for p in written] + ["summaries.json"]}) + "\n")
+    if local != target:
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(target)
+        fs.create_dir(root, recursive=True)
+        pafs.copy_files(local, root, destination_filesystem=fs)
+    return local

@@ -1,0 +1,75 @@
+"""The evaluate stage's aggregation: per (method, rate) accuracy per turn, agreement with the full-token model, and
+the efficiency figures (docs/design.md §5)."""
+
+from __future__ import annotations
+
+import statistics
+
+from pipeline.config import PipelineConfig
+from pipeline.metrics import per_turn_accuracy, same_answer
+from pipeline.shards import StageOutput
+from stages.common import StageFailed
+from stages.outputs import complete_output, teacher_args
+
+
+def read_rows(out: StageOutput, num_shards: int) -> list[dict]:
+    return [r for i in range(num_shards) for r in out.read_records(i)]
+
+
+def full_token_answers(config: PipelineConfig, split: str, full_rows: list[dict]) -> tuple[dict[str, list[str]], str]:
+    """dialogue_id -> the full-token model's answer per turn, and where they come from: the teacher stage's own
+    answers when that stage finished for this split under the same protocol (own history, same answer length),
+    else the ``full`` method's evaluation answers."""
+    if config.evaluate.history == "own" and config.teacher.max_new_tokens == config.evaluate.max_new_tokens:
+        try:
+            out = complete_output(teacher_args(config, split))
+        except FileNotFoundError:  # extract did not run on this split
+            out = None
+        if out is not None:
+            rows = read_rows(out, out.manifest()["num_shards"])
+            return {r["dialogue_id"]: list(r["answers"]) for r in rows}, "teacher"
+    return {r["dialogue_id"]: list(r["answers"]) for r in full_rows}, "full"
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _std(xs: list[float]) -> float | None:
+    return statistics.stdev(xs) if len(xs) > 1 else (0.0 if xs else None)
+
+
+def summarise(job_method: str, rate: float | None, rows: list[dict], reference: dict[str, list[str]]) -> dict:
+    """One (method, rate): per-turn accuracy (pipeline.metrics.per_turn_accuracy of the stored scores), teacher
+    agreement and dialogue-level efficiency (see pipeline.reports for the keys)."""
+    if not rows:
+        raise StageFailed(f"evaluate: method {job_method} at rate {rate} has no evaluated dialogue")
+    out: dict = {"method": job_method, "rate": rate, "dialogues": len(rows)}
+    out.update(per_turn_accuracy([r["scores"] for r in rows]))
+    same = [same_answer(a, ref[t]) for r in rows if (ref := reference.get(r["dialogue_id"]))
+            for t, a in enumerate(r["answers"]) if t < len(ref)]
+    out["agreement"] = 100.0 * sum(same) / len(same) if same else None
+    ttft = [1e3 * r["ttft_s"][0] for r in rows]
+    e2e = [1e3 * sum(r["total_s"]) for r in rows]
+    out.update(ttft_ms=_mean(ttft), ttft_ms_std=_std(ttft), e2e_ms=_mean(e2e), e2e_ms_std=_std(e2e),
+               peak_mem_gb=max(max(r["peak_memory_bytes"]) for r in rows) / 1e9,
+               tflops=_mean([sum(r["prefill_flops"]) / 1e12 for r in rows]),
+               kv_cache_len=_mean([r["kv_cache_len"][-1] for r in rows]),
+               visual_tokens=_mean([r["visual_tokens"][0] for r in rows]))
+    return out
+
+
+def per_turn_efficiency(method: str, rate: float | None, rows: list[dict]) -> list[dict]:
+    turns = max(len(r["scores"]) for r in rows)
+    out = []
+    for t in range(turns):
+        at = [r for r in rows if len(r["scores"]) > t]
+        out.append({"method": method, "rate": rate, "turn": t + 1,
+                    "ttft_ms": _mean([1e3 * r["ttft_s"][t] for r in at]),
+                    "decode_ms": _mean([1e3 * r["decode_s"][t] for r in at]),
+                    "total_ms": _mean([1e3 * r["total_s"][t] for r in at]),
+                    "peak_mem_mb": max(r["peak_memory_bytes"][t] for r in at) / 2**20,
+                    "prefill_gflops": _mean([r["prefill_flops"][t] / 1e9 for r in at]),
+                    "kv_cache_len": _mean([r["kv_cache_len"][t] for r in at]),
+                    "visual_tokens": _mean([r["visual_tokens"][t] for r in at])})
+    return out

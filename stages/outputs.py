@@ -1,0 +1,128 @@
+"""Where each stage writes and what its output is keyed by: the contract between the stages (docs/design.md §3, §6).
+
+Every stage finds its own output and its inputs here, so no stage imports another. A stage output is a
+:class:`pipeline.shards.StageOutput` whose arguments (``uri``, ``stage``, ``config_hash``, ``input_hash``, ``fmt``)
+are built by the ``*_args`` functions below: ``config_hash`` covers everything the numbers depend on besides the
+data, ``input_hash`` the data and how it is cut into shards. Paths are ``<work_dir>/<stage>/...``.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import PipelineConfig
+from pipeline.hashing import config_hash, file_sha256
+from pipeline.shards import StageOutput, read_completed
+from stages.common import model_identity, split_limit
+
+EXTRACT, TEACHER, TRAIN, TPRL, EVALUATE = "extract", "teacher", "train", "tprl", "evaluate"
+
+
+# --- extract: feature shards ---------------------------------------------------------------------------------------
+def storage_dtype(model_dtype: str) -> str:
+    """The dtype features are stored in: float16 for float32 models (half the bytes), else the model's."""
+    return "float16" if model_dtype == "float32" else model_dtype
+
+
+def extract_hash(config: PipelineConfig) -> str:
+    return config_hash({"model": model_identity(config.model.path), "dtype": config.model.dtype,
+                        "format": config.shards.format})
+
+
+def extract_uri(config: PipelineConfig, split: str) -> str:
+    return f"{config.work_dir}/{EXTRACT}/{split}"
+
+
+def extract_args(config: PipelineConfig, split: str) -> dict:
+    # What goes into which shard depends on the file, how much of it is used and how it is cut.
+    inputs = {"dialogues": file_sha256(getattr(config.data, split)), "limit": split_limit(config, split),
+              "dialogues_per_shard": config.shards.dialogues_per_shard}
+    return dict(uri=extract_uri(config, split), stage=EXTRACT, config_hash=extract_hash(config),
+                input_hash=config_hash(inputs), fmt=config.shards.format)
+
+
+def finished_extract_args(config: PipelineConfig, split: str, consumer: str) -> dict:
+    """The extract stage's finished output of ``split`` for this config; FileNotFoundError naming ``consumer`` when
+    it is missing or unfinished, ValueError when it was made from another model, dtype, format or dialogue file."""
+    args = extract_args(config, split)
+    try:
+        manifest = read_completed(args["uri"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{consumer}: no finished extract output at {args['uri']} for this config; run the "
+                                f"extract stage first (`metacompress run --stages extract,{consumer}`)") from None
+    if [manifest["config_hash"], manifest["input_hash"]] != [args["config_hash"], args["input_hash"]]:
+        raise ValueError(f"{args['uri']} was extracted with another model, dtype, format or dialogue file than this "
+                         "config; run the extract stage for this config first (or point work_dir elsewhere)")
+    return args
+
+
+# --- teacher: target shards ----------------------------------------------------------------------------------------
+def teacher_hash(config: PipelineConfig) -> str:
+    return config_hash({"model": model_identity(config.model.path), "dtype": config.model.dtype,
+                        "top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
+                        "history": config.teacher.history, "format": config.shards.format})
+
+
+def teacher_uri(config: PipelineConfig, split: str) -> str:
+    return f"{config.work_dir}/{TEACHER}/{split}"
+
+
+def teacher_args(config: PipelineConfig, split: str) -> dict:
+    """Keyed by the features it was computed from (FileNotFoundError when extract has not finished)."""
+    features = read_completed(extract_uri(config, split))
+    return dict(uri=teacher_uri(config, split), stage=TEACHER, config_hash=teacher_hash(config),
+                input_hash=config_hash([features["config_hash"], features["input_hash"]]), fmt=config.shards.format)
+
+
+# --- train: one compressor per rate --------------------------------------------------------------------------------
+def rate_dir(config: PipelineConfig, rate: float) -> str:
+    return f"{config.work_dir}/{TRAIN}/rate-{rate}"
+
+
+def compressor_dir(config: PipelineConfig, rate: float) -> str:
+    """Where the trained compressor of ``rate`` is saved (``MetaCompress.save_pretrained``)."""
+    return f"{rate_dir(config, rate)}/compressor"
+
+
+# --- tprl: one policy ----------------------------------------------------------------------------------------------
+def tprl_dir(config: PipelineConfig) -> str:
+    return f"{config.work_dir}/{TPRL}"
+
+
+def policy_dir(config: PipelineConfig) -> str:
+    """Where the trained TPRL policy is saved (``TPRLPolicy.save_pretrained``)."""
+    return f"{tprl_dir(config)}/policy"
+
+
+# --- evaluate: one output per (method, rate), then reports ----------------------------------------------------------
+def eval_input_hash(config: PipelineConfig, split: str) -> str:
+    """The dialogues and how they are cut into shards (a different cut changes what shard ``i`` holds)."""
+    return config_hash({"dialogues": file_sha256(getattr(config.data, split)),
+                        "limit": config.data.max_eval_dialogues, "per_shard": config.shards.dialogues_per_shard})
+
+
+def eval_feature_hash(config: PipelineConfig, split: str) -> str | None:
+    """The extract output's config hash when ``evaluate.cached_features`` is on (None otherwise)."""
+    if not config.evaluate.cached_features:
+        return None
+    uri = extract_uri(config, split)
+    found = read_completed(uri)["config_hash"]
+    if found != extract_hash(config):
+        raise ValueError(f"{uri} was extracted with another model, dtype or format than this config; run the extract "
+                         "stage for this config first (or set evaluate.cached_features: false)")
+    return found
+
+
+def eval_uri(config: PipelineConfig, split: str) -> str:
+    return f"{config.work_dir}/{EVALUATE}/{split}"
+
+
+def reports_dir(config: PipelineConfig, split: str) -> str:
+    return f"{config.work_dir}/reports/{split}"
+
+
+def complete_output(args: dict) -> StageOutput | None:
+    """The finished stage output with these arguments, or None when it is missing or unfinished."""
+    try:
+        out = StageOutput(**args)
+        return out if out.is_complete() else None
+    except FileNotFoundError:
+        return None

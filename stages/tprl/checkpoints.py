@@ -1,0 +1,78 @@
+"""The tprl stage's checkpoints: policy, optimizer, iteration and RNG state in safetensors + JSON (nothing that
+unpickles), written to a temporary directory and renamed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+KEEP_CHECKPOINTS = 2
+
+
+def save_checkpoint(directory: Path, iteration: int, policy, optimizer, meta: dict) -> Path:
+    """``directory/ckpt-<iteration>``: tensors.safetensors (policy weights, optimizer tensors, torch RNG state) and
+    state.json (the rest), written in a temporary directory and renamed; older ones beyond the last two removed."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for idx, entry in opt["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    final = directory / f"ckpt-{iteration:06d}"
+    tmp = directory / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "tensors.safetensors"))
+    state = {**meta, "iteration": iteration, "spec": policy.spec(), "param_groups": opt["param_groups"],
+             "optimizer_scalars": scalars, "optimizer_entries": sorted(int(i) for i in opt["state"])}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(directory.glob("ckpt-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = sorted(p for p in directory.glob("ckpt-*") if (p / "state.json").is_file()) if directory.is_dir() else []
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, make_optimizer) -> tuple[object, object, dict]:
+    """-> (policy, optimizer built by ``make_optimizer(policy)`` with its saved state, state.json). Restores the
+    torch RNG state."""
+    import torch
+    from safetensors.torch import load_file
+
+    from compress.tprl import TPRLPolicy
+
+    tensors = load_file(str(path / "tensors.safetensors"))
+    state = json.loads((path / "state.json").read_text())
+    policy = TPRLPolicy.from_spec(state["spec"])
+    policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
+    optimizer = make_optimizer(policy)
+    entries = {}
+    for idx in state["optimizer_entries"]:
+        prefix = f"optim.{idx}."
+        entries[idx] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        entries[idx].update(state["optimizer_scalars"].get(str(idx), {}))
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state["param_groups"]]
+    optimizer.load_state_dict({"state": entries, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.torch"])
+    return policy, optimizer, state
+
+
+def _save_policy_atomic(policy, directory: str) -> None:
+    target = Path(directory)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    policy.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)

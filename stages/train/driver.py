@@ -1,0 +1,173 @@
+"""The train stage's driver: which data each rate trains on, what a trained compressor depends on, one Ray Train
+run per rate, MLflow logging and registration."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import PipelineConfig
+from stages.common import load_split, shard_ranges, split_limit
+from stages.outputs import TRAIN as STAGE
+from stages.outputs import compressor_dir, rate_dir
+from stages.train.worker import train_loop
+
+log = logging.getLogger("metacompress")
+
+CRASH_ENV = "METACOMPRESS_TRAIN_CRASH_AFTER_STEP"
+
+
+def _cached_plan(config: PipelineConfig, split: str) -> dict | None:
+    """Shard arguments and rows of a split's feature + teacher caches; None when the teacher cache is missing."""
+    from pipeline.shards import read_completed
+    from stages.outputs import EXTRACT, TEACHER, extract_args, teacher_args, teacher_uri
+
+    expected_features = extract_args(config, split)
+    feature_uri, teacher_uri = expected_features["uri"], teacher_uri(config, split)
+    try:
+        features, targets = read_completed(feature_uri), read_completed(teacher_uri)
+    except FileNotFoundError:
+        return None
+    if [features["config_hash"], features["input_hash"]] != [expected_features["config_hash"],
+                                                             expected_features["input_hash"]]:
+        raise ValueError(f"{feature_uri} was extracted with another model, dtype, format or dialogue file than this "
+                         "config; run the extract stage for this config first")
+    expected = teacher_args(config, split)
+    if [targets["config_hash"], targets["input_hash"]] != [expected["config_hash"], expected["input_hash"]]:
+        raise ValueError(f"{teacher_uri} was computed with another teacher config or other features; re-run the "
+                         "teacher stage for this config")
+    records, _ = load_split(config, split, split_limit(config, split))
+    return {"kind": "cached", "shard_rows": [s["rows"] for s in targets["shards"]],
+            "feature_args": dict(uri=feature_uri, stage=EXTRACT, config_hash=features["config_hash"],
+                                 input_hash=features["input_hash"], fmt=config.shards.format),
+            "teacher_args": dict(uri=teacher_uri, stage=TEACHER, config_hash=targets["config_hash"],
+                                 input_hash=targets["input_hash"], fmt=config.shards.format),
+            "questions": {r["dialogue_id"]: r["questions"] for r in records},
+            "identity": [features["config_hash"], features["input_hash"], targets["config_hash"],
+                         targets["input_hash"]]}
+
+
+def _online_plan(config: PipelineConfig, split: str) -> dict | None:
+    from pipeline.hashing import file_sha256
+    from stages.outputs import extract_hash, storage_dtype
+
+    if not Path(getattr(config.data, split)).is_file():
+        return None
+    records, _ = load_split(config, split, split_limit(config, split))
+    ranges = shard_ranges(len(records), config.shards.dialogues_per_shard)
+    shards = [[{k: r[k] for k in ("dialogue_id", "image", "questions")} for r in records[a:b]] for a, b in ranges]
+    return {"kind": "online", "shard_rows": [len(s) for s in shards], "shards": shards,
+            "top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
+            "storage_dtype": storage_dtype(config.model.dtype),
+            "identity": [extract_hash(config), config.teacher.top_k, config.teacher.max_new_tokens,
+                         file_sha256(getattr(config.data, split))]}
+
+
+def make_plan(config: PipelineConfig, split: str) -> dict | None:
+    return (_online_plan if config.train.online_teacher else _cached_plan)(config, split)
+
+
+def run_hash(config: PipelineConfig, rate: float, plan: dict) -> str:
+    """What a trained compressor depends on: the train section (less the other rates and the knobs that do not
+    change the result), the rate, the data it was trained on."""
+    from pipeline.hashing import config_hash
+
+    train = {k: v for k, v in config.to_dict()["train"].items()
+             if k not in ("rates", "checkpoint_every", "max_failures")}
+    return config_hash({"train": train, "rate": rate, "data": plan["identity"]})[:16]
+
+
+@dataclass
+class TrainReport:
+    stage: str
+    uri: str
+    rates: list[float]
+    computed: int
+    seconds: float
+    results: dict[float, dict] = field(default_factory=dict)
+
+    def line(self) -> str:
+        parts = []
+        for rate, r in self.results.items():
+            text = f"rate {rate}: loss {r.get('loss', float('nan')):.4f} after {r.get('step', 0)} steps"
+            if "heldout_kl" in r:
+                text += f", held-out KL {r['heldout_kl']:.4f} (sample {r['heldout_kl_sample']:.4f})"
+            parts.append(text)
+        return (f"train: {len(self.rates)} rates ({self.computed} trained, {len(self.rates) - self.computed} reused), "
+                f"{self.seconds:.1f} s; " + "; ".join(parts) + f" -> {self.uri}")
+
+
+def _loop_config(config: PipelineConfig, rate: float, plan: dict, heldout: dict | None, use_gpu: bool,
+                 rhash: str, tracking: tuple[str | None, str | None]) -> dict:
+    import dataclasses
+
+    return {"train": dataclasses.asdict(config.train), "model_path": config.model.path,
+            "model_dtype": config.model.dtype, "use_gpu": use_gpu, "rate": rate, "plan": plan, "heldout": heldout,
+            "run_hash": rhash, "compressor_dir": compressor_dir(config, rate), "tracking_uri": tracking[0],
+            "run_id": tracking[1], "crash_after_step": os.environ.get(CRASH_ENV)}
+
+
+def train_rate(config: PipelineConfig, rate: float, plan: dict, heldout: dict | None,
+               tracking_run_id: str | None) -> dict:
+    """Fit one compressor with Ray Train; returns the last metrics reported by rank 0."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.cluster import gpus_per_actor
+    from pipeline.tracking import tracking_uri
+
+    if config.train.zero_stage == 3 and config.train.online_teacher:
+        raise ValueError("train.online_teacher with train.zero_stage 3 is not supported: the teacher's greedy "
+                         "generation runs a data-dependent number of forwards per worker, which ZeRO-3's collective "
+                         "weight gathers cannot match; use zero_stage 0 or 2 for the online teacher")
+    use_gpu = gpus_per_actor() >= 1
+    rhash = run_hash(config, rate, plan)
+    scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=use_gpu,
+                            resources_per_worker={"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
+    run_config = RunConfig(name=f"rate-{rate}-{rhash}", storage_path=f"{config.work_dir}/{STAGE}/ray",
+                           failure_config=FailureConfig(max_failures=config.train.max_failures),
+                           checkpoint_config=CheckpointConfig(num_to_keep=2))
+    trainer = TorchTrainer(train_loop, train_loop_config=_loop_config(
+        config, rate, plan, heldout, use_gpu, rhash, (tracking_uri(config), tracking_run_id)),
+        scaling_config=scaling, run_config=run_config)
+    result = trainer.fit()
+    return dict(result.metrics or {})
+
+
+def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> TrainReport:
+    """Train (or reuse) one compressor per rate; log and register each in MLflow with the alias ``candidate``.
+    (``progress``: accepted for the stage interface; Ray Train reports progress itself.)"""
+    from pipeline import tracking
+
+    start = time.perf_counter()
+    plan = make_plan(config, split)
+    if plan is None:
+        raise FileNotFoundError(f"train: no teacher cache for split {split!r} under {config.work_dir}; run the "
+                                "extract and teacher stages first (or set train.online_teacher: true)")
+    heldout = make_plan(config, "test") if split != "test" else None
+    report = TrainReport(STAGE, f"{config.work_dir}/{STAGE}", list(config.train.rates), 0, 0.0)
+    with tracking.stage_run(config, STAGE, params=tracking.flatten({"train": config.to_dict()["train"]})):
+        for rate in config.train.rates:
+            rhash = run_hash(config, rate, plan)
+            marker = Path(rate_dir(config, rate)) / "_SUCCESS"
+            if marker.is_file() and json.loads(marker.read_text()).get("run_hash") == rhash \
+                    and Path(compressor_dir(config, rate)).is_dir():
+                report.results[rate] = json.loads(marker.read_text())["metrics"]
+                continue
+            with tracking.nested_run(f"{STAGE}/rate-{rate}", params={"rate": rate, "run_hash": rhash}) as run_:
+                metrics = train_rate(config, rate, plan, heldout, run_.info.run_id)
+                version = tracking.log_compressor(compressor_dir(config, rate), config,
+                                                  tags={"rate": str(rate), "run_hash": rhash})
+                metrics = {**metrics, "model_version": int(version.version)}
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"run_hash": rhash, "metrics": metrics}, indent=2))
+            report.results[rate] = metrics
+            report.computed += 1
+    report.seconds = time.perf_counter() - start
+    log.info(report.line())
+    return report
+

@@ -342,3 +342,12 @@ def test_compressor_registered_on_the_server_loads_back(tmp_path, mlflow_server)
     # the weights went through the server into its artifact store, not into a local ./mlruns
     assert [p for p in artifacts.rglob("model.safetensors")]
     assert not (tmp_path / "work" / "mlartifacts").exists()
+
+
+def test_default_paths_point_into_the_project():
+    """The commands sit two levels below the project root: the default config and the uploaded root are found."""
+    from pipeline.commands.run import DEFAULT_CONFIG
+    from pipeline.commands.submit import PROJECT_ROOT
+
+    assert DEFAULT_CONFIG == ROOT / "infra" / "configs" / "default.yaml" and DEFAULT_CONFIG.is_file()
+    assert PROJECT_ROOT == ROOT and (PROJECT_ROOT / "pyproject.toml").is_file()

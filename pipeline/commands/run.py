@@ -18,7 +18,7 @@ STAGES = {
 }
 # Stages that open their own MLflow run (with their own metrics); the others get one here.
 SELF_TRACKED = {"train", "tprl", "evaluate"}
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "infra" / "configs" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "infra" / "configs" / "default.yaml"
 
 
 def parse_stages(text: str | None) -> list[str]:

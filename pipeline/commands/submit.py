@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # gitignore syntax, relative to the project root ("/x/": only the top-level x). Ray also honours .gitignore;
 # these hold without one (an exported tree) and keep the upload to the sources (Ray's limit is 512 MiB).
 EXCLUDES = ["/.venv/", "/.git/", "/work/", "/data/", "/mlruns/", "/mlartifacts/", "/build/", "*.db",

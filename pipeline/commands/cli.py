@@ -9,7 +9,7 @@ import sys
 from pipeline.env import apply_defaults
 
 # Modules stay light at import time: heavy libraries are imported inside the command functions.
-COMMAND_MODULES = ["pipeline.commands.demo", "pipeline.commands.run", "pipeline.commands.chat", "pipeline.commands.bench", "pipeline.commands.data", "pipeline.commands.analyze", "pipeline.commands.reference", "pipeline.commands.submit"]
+COMMAND_MODULES = ["pipeline.commands.demo", "pipeline.commands.run", "pipeline.commands.chat", "pipeline.commands.bench", "pipeline.commands.data", "pipeline.commands.analyze", "pipeline.commands.reference", "pipeline.commands.submit", "pipeline.commands.plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -136,11 +136,28 @@ def follow(client, job_id: str) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+def dry_run(args) -> int:
+    """The job as it would be submitted, and the GPU memory plan of its stages (refused when it does not fit)."""
+    from pipeline.commands.plan import check_plan
+    from pipeline.commands.run import parse_overrides
+    from pipeline.config import load_config
+
+    plan = plan_job(args.config, args.stages, args.set, args.overwrite, args.python)
+    print(f"metacompress submit --dry-run: would submit {plan.submission_id}: {plan.entrypoint}")
+    table, problem = check_plan(load_config(args.config, parse_overrides(args.set)), args.arch)
+    print(table)
+    if problem:
+        raise ValueError(problem)
+    return 0
+
+
 def submit_command(args) -> int:
     import os
 
     from ray.job_submission import JobSubmissionClient
 
+    if args.dry_run:
+        return dry_run(args)
     address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS")
     if not address:
         raise ValueError("no cluster address: pass --address http://HEAD:8265 (the Ray dashboard; with "
@@ -182,4 +199,7 @@ def register(subparsers) -> None:
     p.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 if it failed")
     p.add_argument("--force", action="store_true", help="submit again even when this job already succeeded")
     p.add_argument("--python", default="python", help="the cluster's Python executable (default: python)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the job and its GPU memory plan (`metacompress plan`) without submitting")
+    p.add_argument("--arch", help="with --dry-run: plan for a known architecture instead of model.path")
     p.set_defaults(func=submit_command)

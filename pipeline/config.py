@@ -158,6 +158,26 @@ class RayConfig:
 
 
 @dataclass
+class StageResources:
+    """What each actor (or Ray Train worker) of a stage asks the cluster for."""
+
+    num_gpus: float | None = None  # per actor; None: 1 when the cluster has GPUs when the stage starts, else the CPU
+    num_cpus: float = 1
+    gpu_wait_s: float = 900  # with num_gpus > 0: how long to wait for GPU nodes to join (autoscaler) before failing
+
+
+@dataclass
+class ResourcesConfig:
+    """Per stage. On a cluster set ``num_gpus: 1``: a stage that asks for GPUs never runs on a CPU."""
+
+    extract: StageResources = field(default_factory=StageResources)
+    teacher: StageResources = field(default_factory=StageResources)
+    train: StageResources = field(default_factory=StageResources)
+    evaluate: StageResources = field(default_factory=StageResources)
+    tprl: StageResources = field(default_factory=StageResources)
+
+
+@dataclass
 class PipelineConfig:
     work_dir: str = "work/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -170,6 +190,7 @@ class PipelineConfig:
     tprl: TPRLConfig = field(default_factory=TPRLConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -252,6 +273,17 @@ def _tprl_checks(t: TPRLConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def _resource_checks(c: PipelineConfig) -> list[tuple[bool, str]]:
+    checks = []
+    for stage in ("extract", "teacher", "train", "evaluate", "tprl"):
+        r = getattr(c.resources, stage)
+        checks += [(r.num_gpus is None or r.num_gpus >= 0, f"resources.{stage}.num_gpus = {r.num_gpus}: must be "
+                    ">= 0 (0: CPU only), or null to use a GPU when the cluster has one"),
+                   (r.num_cpus > 0, f"resources.{stage}.num_cpus = {r.num_cpus}: must be > 0"),
+                   (r.gpu_wait_s >= 0, f"resources.{stage}.gpu_wait_s = {r.gpu_wait_s}: must be >= 0 seconds")]
+    return checks
+
+
 def validate(config: PipelineConfig) -> PipelineConfig:
     checks = [
         (all(0 < r < 1 for r in config.train.rates), "train.rates: every rate must be in (0, 1)"),
@@ -269,6 +301,7 @@ def validate(config: PipelineConfig) -> PipelineConfig:
          "evaluate.batch_size and evaluate.max_new_tokens must be positive"),
         (config.evaluate.matrix_images >= 0, "evaluate.matrix_images must be >= 0"),
         *_tprl_checks(config.tprl),
+        *_resource_checks(config),
     ]
     for ok, message in checks:
         if not ok:

@@ -23,15 +23,49 @@ CANDIDATE = "candidate"
 MODEL_FILE = Path(__file__).with_name("mlflow_model.py")
 
 
+SERVER_SCHEMES = ("http://", "https://", "databricks")
+
+
 def tracking_uri(config: PipelineConfig) -> str:
     return config.tracking.uri or f"sqlite:///{Path(config.work_dir).resolve()}/mlflow.db"
 
 
+def _ray_head(config: PipelineConfig) -> str | None:
+    """The GCS address of the Ray cluster this process joined (``ray.address`` / ``RAY_ADDRESS``); None for the
+    embedded local cluster, which may listen on any of this machine's addresses."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized() or not (config.ray.address or os.environ.get("RAY_ADDRESS")):
+        return None
+    return ray.get_runtime_context().gcs_address
+
+
 def artifact_root(config: PipelineConfig) -> str | None:
     """``file://<work_dir>/mlartifacts`` unless the tracking server manages artifacts itself (http)."""
-    if tracking_uri(config).startswith(("http://", "https://", "databricks")):
+    if tracking_uri(config).startswith(SERVER_SCHEMES):
         return None
     return (Path(config.work_dir).resolve() / "mlartifacts").as_uri()
+
+
+def check_store_for_cluster(uri: str, head: str | None) -> None:
+    """On a cluster of other machines (``head``: the Ray head's address or the submit URL's host) only a tracking
+    server is accepted: a SQLite or file store on shared storage would be written by the driver and by training
+    workers on other nodes at once. A cluster on this machine's loopback keeps the embedded store."""
+    import ipaddress
+
+    if uri.startswith(SERVER_SCHEMES) or not head:
+        return
+    host = head.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        local = False
+    if not local:
+        raise ValueError(f"tracking.uri = {uri}: a cluster ({host}) logs to one MLflow tracking server, not to a "
+                         "SQLite or file store; start it on the head (infra/mlflow_server.sh) and set tracking.uri: "
+                         "http://HEAD_IP:5000")
 
 
 def setup(config: PipelineConfig) -> str:
@@ -42,6 +76,7 @@ def setup(config: PipelineConfig) -> str:
 
     apply_defaults()
     uri = tracking_uri(config)
+    check_store_for_cluster(uri, _ray_head(config))
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)

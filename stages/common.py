@@ -75,12 +75,12 @@ def shard_ranges(count: int, per_shard: int) -> list[tuple[int, int]]:
     return [(start, min(start + per_shard, count)) for start in range(0, count, per_shard)]
 
 
-def model_actor(cls, num_gpus: float):
+def model_actor(cls, num_gpus: float, num_cpus: float = 1):
     """A Ray actor class for a model worker: one GPU when there are GPUs, spread over the nodes, restarted on
     another node (with its in-flight shard retried) when its node dies. Shard writes are atomic and idempotent."""
     import ray
 
-    return ray.remote(num_gpus=num_gpus, num_cpus=1, max_restarts=3, max_task_retries=3,
+    return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=3, max_task_retries=3,
                       scheduling_strategy="SPREAD")(cls)
 
 

@@ -60,7 +60,7 @@ class FeatureExtractor:
 
 
 def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> StageReport:
-    from pipeline.cluster import device_for, gpus_per_actor
+    from pipeline.cluster import actor_gpus, device_for
 
     records, bad = load_split(config, split, split_limit(config, split))
     out_args = output_args(config, split)
@@ -69,8 +69,8 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     for record_id, reason in bad:
         out.record_error(record_id, reason)
     ranges = shard_ranges(len(records), config.shards.dialogues_per_shard)
-    gpus = gpus_per_actor()
-    actor_cls = model_actor(FeatureExtractor, gpus)
+    gpus = actor_gpus(config, STAGE)
+    actor_cls = model_actor(FeatureExtractor, gpus, getattr(config.resources, STAGE).num_cpus)
     slim = [{"dialogue_id": r["dialogue_id"], "image": r["image"]} for r in records]
     return run_sharded(
         out, len(ranges), len(records) + len(bad),

@@ -79,7 +79,7 @@ class TeacherWorker:
 
 
 def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> StageReport:
-    from pipeline.cluster import device_for, gpus_per_actor
+    from pipeline.cluster import actor_gpus, device_for
 
     if config.teacher.history != "own":
         raise ValueError("teacher.history: the teacher cache is built from the model's own answers ('own'); "
@@ -90,10 +90,10 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     out = StageOutput(**out_args)
     out.prepare(config.to_dict(), overwrite=config.shards.overwrite)
     ranges = shard_ranges(len(records), config.shards.dialogues_per_shard)
-    gpus = gpus_per_actor()
+    gpus = actor_gpus(config, STAGE)
     teacher = {"top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
                "batch_size": config.evaluate.batch_size}
-    actor_cls = model_actor(TeacherWorker, gpus)
+    actor_cls = model_actor(TeacherWorker, gpus, getattr(config.resources, STAGE).num_cpus)
     return run_sharded(
         out, len(ranges), len(records),
         make_actor=lambda: actor_cls.remote(config.model.path, config.model.dtype, device_for(gpus), teacher,

@@ -59,10 +59,13 @@ def submission_id(config_dict: dict, stages: list[str]) -> str:
 
 
 def plan_job(config_path: str | Path, stages: str | None = None, sets: list[str] | None = None,
-             overwrite: bool = False, python: str = "python", root: Path = PROJECT_ROOT) -> JobPlan:
-    """Validate the config here (errors before any upload) and build the job: entrypoint, runtime env, id."""
+             overwrite: bool = False, python: str = "python", root: Path = PROJECT_ROOT,
+             address: str | None = None) -> JobPlan:
+    """Validate the config here (errors before any upload) and build the job: entrypoint, runtime env, id.
+    ``address``: the cluster's, whose tracking store must then be a server unless it is this machine's loopback."""
     from pipeline.commands.run import parse_overrides, parse_stages
     from pipeline.config import ConfigError, load_config
+    from pipeline.tracking import check_store_for_cluster, tracking_uri
 
     path = Path(config_path)
     names = parse_stages(stages)
@@ -70,6 +73,7 @@ def plan_job(config_path: str | Path, stages: str | None = None, sets: list[str]
     if overwrite:
         overrides["shards.overwrite"] = True
     config = load_config(path, overrides)
+    check_store_for_cluster(tracking_uri(config), address)
     argument = config_argument(path, root)
     shipped = not Path(argument).is_absolute()
     if shipped and Path(config.work_dir).resolve().is_relative_to(root.resolve()):
@@ -162,7 +166,7 @@ def submit_command(args) -> int:
     if not address:
         raise ValueError("no cluster address: pass --address http://HEAD:8265 (the Ray dashboard; with "
                          "`ray dashboard ray_cluster.yaml` running, http://127.0.0.1:8265)")
-    plan = plan_job(args.config, args.stages, args.set, args.overwrite, args.python)
+    plan = plan_job(args.config, args.stages, args.set, args.overwrite, args.python, address=address)
     client = JobSubmissionClient(address)
     action, job_id = decide(attempts(client.list_jobs(), plan.submission_id), plan.submission_id, args.force)
     if action == "submit":

@@ -12,7 +12,7 @@ from pipeline.hashing import config_hash
 from pipeline.metrics import JUDGED_SOURCES
 from pipeline.reports import results_markdown
 from pipeline.shards import StageOutput
-from stages.common import StageFailed, StageReport, load_split, shard_ranges
+from stages.common import StageFailed, StageReport, load_split, model_actor, shard_ranges
 from stages.evaluate.planning import Job, plan
 from stages.evaluate.promotion import track
 from stages.evaluate.report_files import matrix_items, write_report_files
@@ -37,11 +37,10 @@ class EvaluationReport(StageReport):
 def _compute(config: PipelineConfig, jobs: list[Job], outs: dict[str, StageOutput], ranges: list[tuple[int, int]],
              records: list[dict], split: str, progress: bool) -> tuple[int, int, list[str]]:
     """Run the missing (job, shard) tasks on a pool of actors; returns (tasks run, records, keys computed)."""
-    import ray
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    from pipeline.cluster import device_for, gpus_per_actor
+    from pipeline.cluster import actor_gpus, device_for
 
     todo = [(job, i) for job in jobs for i in outs[job.key].missing_shards(len(ranges))]
     if not todo:
@@ -51,8 +50,8 @@ def _compute(config: PipelineConfig, jobs: list[Job], outs: dict[str, StageOutpu
     feature_args = None
     if ev.cached_features:
         feature_args = {**extract_args(config, split), "config_hash": eval_feature_hash(config, split)}
-    gpus = gpus_per_actor()
-    actor_cls = ray.remote(num_gpus=gpus, num_cpus=1)(EvalWorker)
+    gpus = actor_gpus(config, STAGE)
+    actor_cls = model_actor(EvalWorker, gpus, config.resources.evaluate.num_cpus)  # restarted when it dies
     pool = ActorPool([actor_cls.remote(config.model.path, config.model.dtype, device_for(gpus), options, feature_args)
                       for _ in range(min(ev.num_actors, len(todo)))])
     slim = [{k: d[k] for k in ("dialogue_id", "image", "source", "questions", "answers")} for d in records]

@@ -168,7 +168,7 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     import ray
 
     from pipeline import tracking
-    from pipeline.cluster import device_for, gpus_per_actor, init_ray
+    from pipeline.cluster import actor_gpus, device_for, init_ray
     from pipeline.hashing import config_hash
 
     start = time.perf_counter()
@@ -191,7 +191,7 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     records = load_records(config, split)
     ranges = shard_ranges(len(records), config.shards.dialogues_per_shard)
     feature_out = StageOutput(**feats)
-    gpus = gpus_per_actor()
+    gpus = actor_gpus(config, STAGE)
     options = {"max_new_tokens": config.evaluate.max_new_tokens, "teacher_layers": tc.teacher_layers, "b": tc.b,
                "share_of": tc.share_of}
     ckpt_dir = Path(tprl_dir(config)) / "checkpoints" / traj
@@ -200,7 +200,7 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
         import mlflow
 
         mlflow.set_tags({"run_hash": result_hash, "trajectory_hash": traj})
-        actor_cls = model_actor(TPRLWorker, gpus)
+        actor_cls = model_actor(TPRLWorker, gpus, getattr(config.resources, STAGE).num_cpus)
         actors: list = []
 
         def get_actors() -> list:  # started once, on first need, for both the prepare pass and the rollouts

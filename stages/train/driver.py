@@ -117,22 +117,22 @@ def train_rate(config: PipelineConfig, rate: float, plan: dict, heldout: dict | 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.cluster import gpus_per_actor
+    from pipeline.cluster import actor_gpus
     from pipeline.tracking import tracking_uri
 
     if config.train.zero_stage == 3 and config.train.online_teacher:
         raise ValueError("train.online_teacher with train.zero_stage 3 is not supported: the teacher's greedy "
                          "generation runs a data-dependent number of forwards per worker, which ZeRO-3's collective "
                          "weight gathers cannot match; use zero_stage 0 or 2 for the online teacher")
-    use_gpu = gpus_per_actor() >= 1
     rhash = run_hash(config, rate, plan)
-    scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=use_gpu,
-                            resources_per_worker={"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1})
+    cpus, gpus = config.resources.train.num_cpus, actor_gpus(config, STAGE)
+    scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=gpus >= 1,
+                            resources_per_worker={"CPU": cpus, "GPU": gpus} if gpus >= 1 else {"CPU": cpus})
     run_config = RunConfig(name=f"rate-{rate}-{rhash}", storage_path=f"{config.work_dir}/{STAGE}/ray",
                            failure_config=FailureConfig(max_failures=config.train.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2))
     trainer = TorchTrainer(train_loop, train_loop_config=_loop_config(
-        config, rate, plan, heldout, use_gpu, rhash, (tracking_uri(config), tracking_run_id)),
+        config, rate, plan, heldout, gpus >= 1, rhash, (tracking_uri(config), tracking_run_id)),
         scaling_config=scaling, run_config=run_config)
     result = trainer.fit()
     return dict(result.metrics or {})

@@ -182,3 +182,49 @@ def test_real_architectures_have_the_published_parameter_counts():
         assert count(model.model.multi_modal_projector) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
         assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
     assert model.config.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def test_fast_path_and_roofline_rows():
+    """--paths eager,fast --roofline: every configuration on both paths with the same tokens and FLOPs; each phase
+    has a positive bound and measured / bound; the speed-ups are per path; the markdown carries the tables."""
+    from pipeline.commands.bench_efficiency import PHASES, markdown, run_benchmark
+
+    report = run_benchmark("tiny", ["full", "sample", "metacompress", "fastv"], [0.9], turns=2, repeats=1, warmup=1,
+                           max_new_tokens=2, paths=["eager", "fast"], roofline=True)
+    rows = {(r["path"], r["method"], r["rate"]): r for r in report["rows"]}
+    assert len(rows) == 8 and report["peaks"]["peak_flops"] > 0 and report["peaks"]["bandwidth"] > 0
+    assert report["graphs"] == {"captured": 0, "failed": {}}  # CPU: no CUDA graphs
+    for (path, method, rate), row in rows.items():
+        eager = rows[("eager", method, rate)]
+        assert row["visual_tokens"] == eager["visual_tokens"] and row["prefill_tflops"] == eager["prefill_tflops"]
+        assert row["new_tokens"] == eager["new_tokens"]
+        assert (row["roofline"]["reducer"] is None) == (method in ("full", "fastv"))
+        for phase, _ in PHASES:
+            cell = row["roofline"][phase]
+            if cell is None:
+                continue
+            assert cell["bound_ms"] > 0 and cell["ratio"] == pytest.approx(cell["measured_ms"] / cell["bound_ms"])
+        parts = [row["roofline"][p]["bound_ms"] for p in ("preprocessing", "tower", "reducer", "prefill")
+                 if row["roofline"][p] is not None]
+        assert row["roofline"]["ttft"]["bound_ms"] == pytest.approx(sum(parts))
+        base = rows[(path, "full", None)]
+        mean = row["summary"]["ttft_ms"]["mean"]
+        assert row["ttft_speedup"] == pytest.approx(base["summary"]["ttft_ms"]["mean"] / mean)
+        assert row["roofline_speedup"] == pytest.approx(base["roofline"]["ttft"]["bound_ms"]
+                                                        / row["roofline"]["ttft"]["bound_ms"])
+        if path == "fast":
+            assert row["fast_speedup"] == pytest.approx(eager["summary"]["ttft_ms"]["mean"]
+                                                        / row["summary"]["ttft_ms"]["mean"])
+    # fewer tokens, fewer FLOPs and bytes: a smaller bound
+    assert rows[("eager", "sample", 0.9)]["roofline_speedup"] > 1
+    text = markdown(report)
+    assert "Roofline on" in text and "| fast | metacompress | 0.9 |" in text and "sample (fast)" in text
+
+
+def test_bad_paths_fail_before_any_model_is_built(monkeypatch):
+    import infra.architectures as arch
+
+    monkeypatch.setattr(arch, "build_adapter", lambda *a, **k: pytest.fail("model built before validation"))
+    args = parse(["efficiency", "--paths", "eager,turbo"])
+    with pytest.raises(ValueError, match="--paths"):
+        args.func(args)

@@ -5,7 +5,7 @@ tokens are ranked by the attention the last prompt token gives them in layer K-1
 stay; layers K.. run on the shortened sequence with the original rotary positions. With a KV cache the pruning
 happens once, at the first prefill, and the pruned cache serves every later token and turn.
 
-Fixes over the public code (see notes/baselines.md 3.1): the image span comes from the image token ids of each row
+Fixes over the public code (docs/design.md §4.4.2): the image span comes from the image token ids of each row
 (never hard-coded offsets); every batch row is ranked on its own (not ``[0]``); RoPE cos/sin are gathered at the kept
 original positions; layer K-1 runs once (its cache is not doubled). The thin patch is ``compress.lvlm.decoder``:
 it drives transformers' own ``LlamaDecoderLayer`` modules and calls ``FastV`` after layer K-1.

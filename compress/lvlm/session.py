@@ -1,4 +1,4 @@
-"""Compressed multi-turn chat (DESIGN section 5) and the teacher-forced forward used by training.
+"""Compressed multi-turn chat (docs/design.md §5) and the teacher-forced forward used by training.
 
 ``ChatSession(adapter, method, rate)``: ``set_image(img)`` once, then ``ask(question)`` per turn. The image is
 reduced once; every prefill goes through ``inputs_embeds``; the KV cache is reused across turns; the history holds
@@ -8,6 +8,11 @@ up to ``max_new_tokens``. ``BatchChatSession`` runs several dialogues at once (l
 Cache protocol: after a turn the cache is rolled back to the end of its prompt, and the answer ids that go into
 the history (own or reference) are fed at the start of the next turn together with that turn's prompt. Both
 history modes thus share one path, and the cache never holds the EOS the template does not render.
+
+Fast path (off by default; ``compress.lvlm.accel``): ``static_cache`` (preallocated KV cache, prompts left-padded to
+length buckets), ``cuda_graphs`` (captured prefill and decode steps; needs ``static_cache``), ``device_image``
+(preprocessing and vision tower on the device), ``fused_reducer`` (MetaCompress / Sample as fixed-shape kernels).
+Answers equal the eager path's.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.flops import llama_prefill_flops
 from compress.lvlm import decoder
 from compress.lvlm.base import EncodedImage, LVLMAdapter
-from compress.flops import llama_prefill_flops
 from compress.lvlm.efficiency import TurnStats, clock, peak_memory_bytes, reset_peak_memory
 from compress.lvlm.methods import Method, get_method
 from compress.reduction import num_keep as budget
@@ -57,7 +62,7 @@ def expand_image(ids: list[int], image_token_id: int, count: int) -> list[int]:
 
 
 def is_prompt_dependent(method: Method) -> bool:
-    """A feature reducer that decides with the prompt (TPRL): it needs ``prompt_embedding=`` (DESIGN 5)."""
+    """A feature reducer that decides with the prompt (TPRL): it needs ``prompt_embedding=`` (docs/design.md §5)."""
     return method.kind == "feature" and bool(getattr(method.fn, "prompt_dependent", False))
 
 
@@ -74,41 +79,51 @@ def prompt_embedding(adapter: LVLMAdapter, question: str) -> torch.Tensor:
 
 
 def reduce_image(adapter: LVLMAdapter, method: Method, rate: float | None, image,
-                 prompt_embedding: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, EncodedImage]:
+                 prompt_embedding: torch.Tensor | None = None, fast=None) -> tuple[torch.Tensor, float, float,
+                                                                                   EncodedImage]:
     """One image (PIL, path, or an ``EncodedImage`` whose tokens the extract stage cached) -> (visual tokens for
     the LLM (k, d), vision seconds, reducer seconds, the encoded image). ``none`` and ``llm`` methods keep all of
-    X_IMG (FastV prunes later, inside the LLM). ``prompt_embedding`` (d,): given to prompt-dependent reducers."""
+    X_IMG (FastV prunes later, inside the LLM). ``prompt_embedding`` (d,): given to prompt-dependent reducers.
+    ``fast``: an ``Accelerator`` (its ``prepare`` / ``features`` / ``reduce``), or None for the eager path."""
     dev = adapter.device
+    src = fast if fast is not None else adapter
     t0 = clock(dev)
     cached = isinstance(image, EncodedImage) and image.tokens is not None
     if method.kind == "vision":
         if cached:
             raise ValueError(f"method {method.name!r} works inside the vision tower: give it the image, not features")
-        prepared = adapter.prepare(image)
+        prepared = src.prepare(image)
         t1 = clock(dev)
         with torch.no_grad():
             count = None if method.adaptive else budget(prepared.layout.num_tokens, rate)
             tokens = adapter.encode_reduced_vision(method.fn, prepared, count, **method.options)
         return tokens, t1 - t0, clock(dev) - t1, prepared
-    encoded = image if cached else adapter.features(adapter.prepare(image))
+    encoded = image if cached else src.features(src.prepare(image))
     t1 = clock(dev)
     if method.kind != "feature":
         return encoded.tokens, t1 - t0, 0.0, encoded
     options = method.options if prompt_embedding is None else {**method.options, "prompt_embedding": prompt_embedding}
-    with torch.no_grad():
-        red = method.fn(encoded.tokens, budget(encoded.tokens.shape[0], rate), encoded.layout, **options)
-    return red.tokens.to(adapter.dtype), t1 - t0, clock(dev) - t1, encoded
+    count = budget(encoded.tokens.shape[0], rate)
+    tokens = fast.reduce(method.fn, encoded.tokens, count, encoded.layout) if fast is not None and not options \
+        else None
+    if tokens is None:
+        with torch.no_grad():
+            tokens = method.fn(encoded.tokens, count, encoded.layout, **options).tokens
+    return tokens.to(adapter.dtype), t1 - t0, clock(dev) - t1, encoded
 
 
 class BatchChatSession:
     """B dialogues at once. ``method``: a registry name or a ``Method``; ``rate`` in (0, 1) (ignored by "full");
     ``compressor``: MetaCompress module or directory; ``fastv_k``: FastV's ranking layer is k-1.
-    ``recompress="per_turn"`` (analysis, DESIGN 5): a prompt-dependent method (FastV) re-prefills the whole
-    history each turn and re-ranks with the new question, instead of reusing the turn-1 pruned cache."""
+    ``recompress="per_turn"`` (analysis, docs/design.md §5): a prompt-dependent method (FastV) re-prefills the whole
+    history each turn and re-ranks with the new question, instead of reusing the turn-1 pruned cache.
+    ``static_cache``, ``cuda_graphs``, ``device_image``, ``fused_reducer``, ``max_cache_len``: the fast path (module
+    doc); ``self.fast`` is its ``Accelerator`` (None on the eager path)."""
 
     def __init__(self, adapter: LVLMAdapter, method: str | Method = "full", rate: float | None = None, *,
                  compressor=None, max_new_tokens: int = 16, history: str = "model", vqa: bool = True,
-                 fastv_k: int = 2, recompress: str = "once"):
+                 fastv_k: int = 2, recompress: str = "once", static_cache: bool = False, cuda_graphs: bool = False,
+                 device_image: bool = False, fused_reducer: bool = False, max_cache_len: int | None = None):
         self.adapter = adapter
         self.method = get_method(method, compressor) if isinstance(method, str) else method
         if self.method.kind != "none" and (rate is None or not 0.0 < rate < 1.0):
@@ -126,6 +141,14 @@ class BatchChatSession:
         self.rate, self.max_new_tokens, self.history = rate, max_new_tokens, history
         self.vqa, self.fastv_k = vqa, fastv_k
         self.image_tokens: list[torch.Tensor] = []
+        self.fast = None
+        if static_cache or cuda_graphs or device_image or fused_reducer:
+            from compress.lvlm.accel import Accelerator
+
+            self.fast = Accelerator.get(adapter, static_cache=static_cache, cuda_graphs=cuda_graphs,
+                                        device_image=device_image, fused_reducer=fused_reducer,
+                                        max_cache_len=max_cache_len)
+        self.static = static_cache
 
     # --- image -------------------------------------------------------------------------------------------------
     def set_images(self, images: list) -> None:
@@ -135,14 +158,14 @@ class BatchChatSession:
         self._deferred = is_prompt_dependent(self.method)
         for image in images:
             method = get_method("full") if self._deferred else self.method
-            tokens, vision_s, reduce_s, enc = reduce_image(self.adapter, method, self.rate, image)
+            tokens, vision_s, reduce_s, enc = reduce_image(self.adapter, method, self.rate, image, fast=self.fast)
             self.image_tokens.append(tokens)
             self.encoded.append(enc)
             self._first_cost.append((vision_s, reduce_s))
         self.questions: list[list[str]] = [[] for _ in images]
         self.pending: list[list[int]] = [[] for _ in images]
         self.fed: list[list[int]] = [[] for _ in images]  # every prompt/history id so far (for re-prefills)
-        self.state: decoder.DecoderState | None = None
+        self.state = None  # decoder.DecoderState, or static_cache.StaticState on the fast path
         self.fastv_kept: list[torch.Tensor] | None = None
         self.turn = 0
 
@@ -175,19 +198,24 @@ class BatchChatSession:
         rows = self.fed if first else new
         pad_id = ad.tokenizer.pad_token_id if ad.tokenizer.pad_token_id is not None else 0
         ids, new_mask = _left_pad(rows, pad_id, dev)
+        if self.static:  # a length bucket, so that a few captured prefills serve every prompt
+            ids, new_mask = self.fast.pad(ids, new_mask, pad_id)
         reset_peak_memory(dev)
         t0 = clock(dev)
         embeds = ad.embed(ids, self.image_tokens if first else [None] * batch)
         pruner = None
         if first:
-            self.state = decoder.DecoderState.empty(lm, batch, dev)
+            self.state = self.fast.new_state(batch) if self.static else decoder.DecoderState.empty(lm, batch, dev)
             if self.method.kind == "llm":
                 from compress.baselines.fastv import FastV
 
                 pruner = FastV((ids == ad.image_token_id) & new_mask, self.rate, self.fastv_k)
         record: list = []
-        hidden, _ = decoder.forward(lm, self.state, embeds, new_mask, pruner, record)
-        logits = ad.lm_head(hidden[:, -1]).float()
+        if self.static:
+            logits = self.fast.prefill(self.state, embeds, new_mask, pruner, record)
+        else:
+            hidden, _ = decoder.forward(lm, self.state, embeds, new_mask, pruner, record)
+            logits = ad.lm_head(hidden[:, -1]).float()
         t1 = clock(dev)
         if pruner is not None:
             self.fastv_kept = pruner.kept
@@ -225,7 +253,8 @@ class BatchChatSession:
             t0 = clock(self.adapter.device)
             query = prompt_embedding(self.adapter, q)
             embed_s = clock(self.adapter.device) - t0
-            reduced, _, reduce_s, _ = reduce_image(self.adapter, self.method, self.rate, enc, prompt_embedding=query)
+            reduced, _, reduce_s, _ = reduce_image(self.adapter, self.method, self.rate, enc, prompt_embedding=query,
+                                                   fast=self.fast)
             tokens.append(reduced)
             costs.append((vision_s, embed_s + reduce_s))
         return tokens, costs
@@ -248,6 +277,9 @@ class BatchChatSession:
                         out[b].append(int(tok[b]))
             if bool(finished.all()) or step == self.max_new_tokens - 1:
                 break
+            if self.static:
+                logits = self.fast.step(self.state, tok, ~finished)
+                continue
             embeds = ad.model.get_input_embeddings()(tok[:, None])
             hidden, _ = decoder.forward(lm, self.state, embeds, ~finished[:, None])
             logits = ad.lm_head(hidden[:, -1]).float()

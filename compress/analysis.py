@@ -206,3 +206,88 @@ def prompt_attention(adapter, image_tokens: torch.Tensor, question: str, layers:
     after = torch.zeros_like(is_img)
     after[int(positions[-1]) + 1:] = True
     return PromptAttention({l: b["weights"].detach() for l, b in boxes.items()}, positions, after)
+
+
+# --- what a compression matrix P does (docs/design.md §4.3, `metacompress analyze compressor`) -------------------
+def row_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row of P (..., m, n); rows are distributions over the n input tokens."""
+    p = p.double()
+    return -(p * p.clamp_min(1e-300).log()).sum(-1)
+
+
+def effective_tokens(p: torch.Tensor) -> torch.Tensor:
+    """exp(row entropy): how many input tokens each row averages (1 = a selection, n = uniform)."""
+    return row_entropy(p).exp()
+
+
+def column_share(p: torch.Tensor) -> torch.Tensor:
+    """(n,): the share of P's total mass each input token receives, ``sum_i P[i, j] / m`` (sums to 1)."""
+    p = p.double()
+    return p.sum(0) / p.shape[0]
+
+
+def mask_mass(p: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(share of P's mass on the tokens where ``mask`` (n,) is true, share of the tokens that are true): the first
+    far above the second means P concentrates on the masked tokens (for example the objects of the scene)."""
+    mask = mask.bool().to(p.device)
+    return float(column_share(p)[mask].sum()), float(mask.double().mean())
+
+
+def window_mass(p: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(m,): each row's mass inside its pooling window (``compress.metacompress.pool_windows``); 1 for pooling."""
+    from compress.metacompress import pool_windows
+
+    m, n = p.shape
+    index, valid = pool_windows(n, m, kernel_size)
+    inside = torch.zeros(m, n, dtype=torch.bool)
+    inside[torch.arange(m)[:, None].expand_as(index)[valid], index[valid]] = True
+    return (p.double() * inside.to(p.device)).sum(1)
+
+
+def total_variation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Total-variation distance ``0.5 * sum |a - b|`` over the last dimension (0: equal, 1: disjoint supports)."""
+    return 0.5 * (a.double() - b.double()).abs().sum(-1)
+
+
+def row_spread(p: torch.Tensor) -> float:
+    """Mean total-variation distance between two different rows of P (0: every row is the same distribution)."""
+    m = p.shape[0]
+    if m < 2:
+        return 0.0
+    pairwise = total_variation(p[:, None, :], p[None, :, :])
+    return float(pairwise.sum() / (m * (m - 1)))
+
+
+def oracle_distance(p: torch.Tensor, oracle: torch.Tensor) -> dict[str, float]:
+    """How far P is from the per-image oracle of the same rate (both (m, n)), in ways that ignore the row order:
+    ``column_tv``: total variation between the two column shares (which input tokens get the mass);
+    ``row_tv``: for each oracle row, the total variation to the nearest row of P, averaged over the oracle's rows."""
+    if p.shape[1] != oracle.shape[1]:
+        raise ValueError(f"P has {p.shape[1]} input tokens but the oracle {oracle.shape[1]}")
+    nearest = total_variation(oracle[:, None, :], p[None, :, :]).amin(1)
+    return {"column_tv": float(total_variation(column_share(p), column_share(oracle))),
+            "row_tv": float(nearest.mean())}
+
+
+def matrix_statistics(p: torch.Tensor, kernel_size: int | None = None, mask: torch.Tensor | None = None,
+                      oracle: torch.Tensor | None = None) -> dict[str, float]:
+    """The diagnostics of one P (m, n), each a float: row entropy (mean, min, max, and log n for scale), effective
+    tokens per row, the effective number of input tokens that receive mass (exp of the column shares' entropy), the
+    largest column share against the uniform 1/n, the spread between rows, and where given the
+    mass inside the pooling windows, on ``mask`` and the distance to ``oracle``."""
+    p = p.detach().cpu()
+    m, n = p.shape
+    h = row_entropy(p)
+    share = column_share(p)
+    out = {"m": float(m), "n": float(n), "row_entropy": float(h.mean()), "row_entropy_min": float(h.min()),
+           "row_entropy_max": float(h.max()), "log_n": math.log(n), "effective_tokens": float(h.exp().mean()),
+           "max_column_share": float(share.max()), "uniform_share": 1.0 / n,
+           "effective_columns": float(row_entropy(share[None])[0].exp()),
+           "row_spread": row_spread(p)}
+    if kernel_size is not None:
+        out["window_mass"] = float(window_mass(p, kernel_size).mean())
+    if mask is not None:
+        out["mask_mass"], out["mask_area"] = mask_mass(p, mask.cpu())
+    if oracle is not None:
+        out.update({f"oracle_{k}": v for k, v in oracle_distance(p, oracle.detach().cpu()).items()})
+    return out

@@ -6,7 +6,18 @@
     P      = softmax_over_n( Xq diag(w) Xk^T / sqrt(dc) )                        (m, n)
     X~     = P X                                                                 (m, d)
 
-At initialisation (Wq == Wk, w == 1, E == 0) P behaves like pooling of the input (appendix 9).
+At initialisation (Wq == Wk, w == 1, E == 0) P behaves like pooling of the input (appendix 9), but only when
+q.k / sqrt(dc) is large, which depends on the feature norms and on how alike the image's tokens are.
+
+``generator="normed"`` (docs/design.md §4.1, a variant of ours, not the paper's) makes that start hold on any model:
+
+    Z      = unit_rms(X - mean_tokens(X)) + E        centred per image, each token scaled to norm sqrt(d);   (n, d)
+                                                     E starts as unit-rms noise on the reference grid
+    Xk     = Z Wk,  Xq = Pool(Z) Wq                                                                           (n|m, dc)
+    P      = softmax_over_n( tau * cos(Xq diag(w), Xk) ),  tau = exp(log_temperature), learned               (m, n)
+
+so the scores no longer scale with the features' norm or their shared component, and the initial sharpness is set
+by ``temperature`` alone. ``generator="paper"`` (the default of the class) is eq. above, unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from compress.reduction import Reduction
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPE = "metacompress"
+GENERATORS = ("paper", "normed")
 
 
 def pool_windows(n: int, m: int, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,16 +80,27 @@ class MetaCompress(nn.Module):
     """
 
     def __init__(self, hidden_size: int, compress_dim: int = 256, kernel_size: int = 3,
-                 reference_grid: tuple[int, int] = (24, 24), pooling: str = "avg") -> None:
+                 reference_grid: tuple[int, int] = (24, 24), pooling: str = "avg", generator: str = "paper",
+                 temperature: float = 20.0) -> None:
         super().__init__()
         if hidden_size < 1 or compress_dim < 1 or kernel_size < 1:
             raise ValueError("hidden_size, compress_dim and kernel_size must be positive")
         if pooling not in ("avg", "max"):
             raise ValueError(f"pooling must be 'avg' or 'max', got {pooling!r}")
+        if generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.config = {"model_type": MODEL_TYPE, "hidden_size": hidden_size, "compress_dim": compress_dim,
-                       "kernel_size": kernel_size, "reference_grid": list(reference_grid), "pooling": pooling}
+                       "kernel_size": kernel_size, "reference_grid": list(reference_grid), "pooling": pooling,
+                       "generator": generator}
+        if generator == "normed":
+            self.config["temperature"] = float(temperature)
+            # shape (1,), not a 0-d tensor: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse
+            self.log_temperature = nn.Parameter(torch.full((1,), math.log(temperature)))
         self.kernel_size = kernel_size
         self.pooling = pooling
+        self.generator = generator
         # Zero-initialised so that the initial behaviour is the pooling of appendix 9.
         self.position_table = nn.Parameter(torch.zeros(hidden_size, *reference_grid))
         self.layout_token = nn.Parameter(torch.zeros(hidden_size))
@@ -86,6 +109,11 @@ class MetaCompress(nn.Module):
         self.w_key = nn.Parameter(w.clone())
         self.omega = nn.Parameter(torch.ones(compress_dim))
         self._position_memo: dict = {}
+        if generator == "normed":
+            # Unit-rms positions, as large as the normalised features: identical tokens (a plain background) are
+            # told apart by where they lie, so each row starts on its own pooling window (docs/design.md §4.1).
+            with torch.no_grad():
+                self.position_table.normal_()
 
     @property
     def compress_dim(self) -> int:
@@ -121,9 +149,16 @@ class MetaCompress(nn.Module):
         layout = layout or default_layout(n)
         if layout.num_tokens != n:
             raise ValueError(f"layout describes {layout.num_tokens} tokens but x has {n}")
-        z = x.to(self.w_key.dtype) + self.position_embeddings(layout)
+        z = x.to(self.w_key.dtype)
+        if self.generator == "normed":
+            z = z - z.mean(0, keepdim=True)
+            z = z * (math.sqrt(z.shape[1]) / z.norm(dim=1, keepdim=True).clamp_min(1e-6))
+        z = z + self.position_embeddings(layout)
         keys = z @ self.w_key
         queries = pool_tokens(z, num_keep, self.kernel_size, self.pooling) @ self.w_query
+        if self.generator == "normed":
+            queries = F.normalize(queries * self.omega, dim=1, eps=1e-6)
+            return self.log_temperature.exp() * queries @ F.normalize(keys, dim=1, eps=1e-6).T
         return (queries * self.omega) @ keys.T / math.sqrt(self.compress_dim)
 
     def forward(self, x: torch.Tensor | list[torch.Tensor], num_keep: int | list[int],
@@ -175,7 +210,8 @@ class MetaCompress(nn.Module):
             raise ValueError(f"{directory / CONFIG_NAME}: model_type is {config.get('model_type')!r}, "
                              f"expected {MODEL_TYPE!r}")
         module = cls(config["hidden_size"], config["compress_dim"], config["kernel_size"],
-                     tuple(config["reference_grid"]), config.get("pooling", "avg"))
+                     tuple(config["reference_grid"]), config.get("pooling", "avg"), config.get("generator", "paper"),
+                     config.get("temperature", 20.0))
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
         expected = module.state_dict()
         if set(state) != set(expected):

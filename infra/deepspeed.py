@@ -44,7 +44,8 @@ def ds_config(train: "TrainConfig", world_size: int, on_gpu: bool, persist_numel
         "train_batch_size": micro * world_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": float(train.grad_clip),
+        # Value clipping is done by the client optimizer (make_optimizer); DeepSpeed clips only the global norm.
+        "gradient_clipping": float(train.grad_clip) if train.clip_mode == "norm" else 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bool(on_gpu)},
@@ -56,17 +57,45 @@ def ds_config(train: "TrainConfig", world_size: int, on_gpu: bool, persist_numel
 
 
 def make_optimizer(params, train: "TrainConfig") -> "torch.optim.Optimizer":
-    """The client optimizer: SGD (the paper's, no momentum) or AdamW, both plain ``torch.optim``."""
+    """The client optimizer: SGD (the paper's, no momentum) or AdamW, both plain ``torch.optim``.
+
+    With ``train.clip_mode == "value"`` its ``step`` first clamps every gradient element to ``[-grad_clip,
+    grad_clip]``. Clamping is elementwise, so it gives the same result on ZeRO's flat partitions of the averaged
+    gradient as on the whole gradient (docs/design.md §4.2).
+    """
     import torch
 
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters were given to the optimizer")
+    if train.clip_mode not in ("norm", "value"):
+        raise ValueError(f"train.clip_mode = {train.clip_mode!r}; use 'norm' or 'value'")
     if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr)
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
-    raise ValueError(f"train.optimizer = {train.optimizer!r}; use 'sgd' or 'adamw'")
+        cls, kwargs = torch.optim.SGD, {}
+    elif train.optimizer == "adamw":
+        cls, kwargs = torch.optim.AdamW, {"weight_decay": 0.0}
+    else:
+        raise ValueError(f"train.optimizer = {train.optimizer!r}; use 'sgd' or 'adamw'")
+    if train.clip_mode == "value" and train.grad_clip > 0:
+        cls = _value_clipped(cls, float(train.grad_clip))
+    return cls(params, lr=train.lr, **kwargs)
+
+
+def _value_clipped(base: type, clip: float) -> type:
+    """``base`` (a torch optimizer class) whose ``step`` clamps each gradient element to ``[-clip, clip]`` first."""
+    import torch
+
+    class ValueClipped(base):
+        def step(self, closure=None):
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.clamp_(-clip, clip)
+            return super().step(closure)
+
+    ValueClipped.__name__ = ValueClipped.__qualname__ = f"ValueClipped{base.__name__}"
+    return ValueClipped
 
 
 def initialize(module: "torch.nn.Module", train: "TrainConfig", world_size: int, on_gpu: bool,

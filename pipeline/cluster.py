@@ -16,12 +16,19 @@ def init_ray(config: PipelineConfig) -> None:
 
     if ray.is_initialized():
         return
+    from pipeline.env import verbose
+
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    # Workers' output reaches the console only with --verbose (docs/design.md §8); errors still come back as
+    # exceptions, and every worker's log stays in Ray's session directory.
+    to_driver = verbose()
+    level = logging.INFO if to_driver else logging.WARNING  # Ray's own start-up lines: the log file's business
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=to_driver, logging_level=level)
     else:
         # "local": always a new embedded cluster, never one that happens to run on this machine.
-        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=to_driver,
+                 logging_level=level)
 
 
 def gpus_per_actor() -> float:

@@ -74,10 +74,20 @@ class TrainConfig:
     rates: list[float] = field(default_factory=lambda: [0.7, 0.9])
     compress_dim: int = 256
     kernel_size: int = 3
+    # The generator of P (docs/design.md §4.1): "paper" (eq. of appendix 8.2) or "normed" (features centred and
+    # normalised before the projections, cosine scores times a learned temperature: starts as pooling on any model).
+    # "auto": "normed" when the paper's P starts near uniform on the first training batch, else "paper".
+    generator: Literal["paper", "normed", "auto"] = "paper"
+    temperature: float = 20.0  # the initial temperature of generator "normed"
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 1e-3
     grad_clip: float = 1e-2
+    # "norm": the global L2 norm of the gradient is clipped to grad_clip (DeepSpeed's gradient_clipping);
+    # "value": every gradient element is clamped to [-grad_clip, grad_clip] (torch.nn.utils.clip_grad_value_).
+    clip_mode: Literal["norm", "value"] = "norm"
     epochs: int = 2
+    # At least this many steps: epochs are raised to the fewest whole epochs that reach it (0: exactly `epochs`).
+    min_steps: int = 0
     batch_size: int = 36
     entropy_weight: float = 1.0
     collapse_weight: float = 1.0
@@ -87,6 +97,39 @@ class TrainConfig:
     online_teacher: bool = False
     seed: int = 0
     max_failures: int = 0  # Ray Train restarts after a worker failure (each resumes from the last checkpoint)
+
+
+@dataclass
+class GenerationSpec:
+    """How the model answers one benchmark (dialogue ``source``), docs/design.md §3.5. Unset fields keep the source's
+    default (pipeline.datasets.common.generation_defaults): short answers with the single-word instruction for
+    VQA-v2, GQA, MT-Shapes and own data, free-form answers for ConvBench."""
+
+    source: str
+    style: Literal["short", "free"] | None = None  # short: the adapter's single-word/phrase instruction
+    instruction: str | None = None  # text appended to each question instead ("" for none)
+    max_new_tokens: int | None = None
+    stop: list[str] | None = None  # the answer is cut before the first of these strings
+    metric: str | None = None  # scorer name in pipeline.metrics.METRICS (e.g. vqa_v2_2016); judged sources: none
+
+
+@dataclass
+class JudgeConfig:
+    """The pairwise judge of free-form benchmarks (pipeline.judge): ``url`` + ``model`` of an OpenAI-compatible
+    endpoint (key from the environment variable ``api_key_env``) or ``model_dir``, a local transformers model."""
+
+    url: str | None = None
+    model: str | None = None
+    model_dir: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_tokens: int = 512
+    timeout_s: float = 120.0
+    retries: int = 4
+    backoff_s: float = 2.0
+    cache: str | None = None  # None: <work_dir>/judge_cache.jsonl
+    positions: str | None = None  # the official ConvBenchEval/pairwise.npy (None: seeded A/B order)
+    seed: int = 0
+    concurrency: int = 4  # dialogues judged at once by an endpoint (a local model_dir judges one at a time)
 
 
 @dataclass
@@ -101,6 +144,9 @@ class EvaluateConfig:
     # excludes the vision tower). False: every method starts from the image, so TTFT is comparable across methods.
     cached_features: bool = False
     matrix_images: int = 2  # images whose MetaCompress matrix P is plotted (paper figures 6-7)
+    generation: list[GenerationSpec] = field(default_factory=list)  # per-source overrides of the answer settings
+    judge: JudgeConfig | None = None  # needed when the split holds free-form (judged) dialogues
+    seeds: list[int] = field(default_factory=lambda: [0])  # stochastic methods (random) run once per seed
 
 
 @dataclass
@@ -273,6 +319,41 @@ def _tprl_checks(t: TPRLConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def _range_checks(c: PipelineConfig) -> list[tuple[bool, str]]:
+    """Ranges a value must be in before any work starts (docs/design.md §8): each message names the key and the fix."""
+    d, t = c.data, c.train
+    checks = [
+        (d.max_train_dialogues is None or d.max_train_dialogues >= 1,
+         f"data.max_train_dialogues = {d.max_train_dialogues}: must be >= 1, or null for the whole file"),
+        (d.max_eval_dialogues is None or d.max_eval_dialogues >= 1,
+         f"data.max_eval_dialogues = {d.max_eval_dialogues}: must be >= 1, or null for the whole file"),
+        (bool(t.rates), "train.rates is empty; give at least one rate in (0, 1), e.g. [0.9]"),
+        (bool(c.evaluate.rates), "evaluate.rates is empty; give at least one rate in (0, 1), e.g. [0.9]"),
+        (len(set(t.rates)) == len(t.rates), f"train.rates {t.rates} lists a rate twice; list each once"),
+        (len(set(c.evaluate.rates)) == len(c.evaluate.rates),
+         f"evaluate.rates {c.evaluate.rates} lists a rate twice; list each once"),
+        (bool(c.evaluate.methods), "evaluate.methods is empty; list at least one method, e.g. [sample]"),
+        (c.extract.batch_size >= 1 and c.extract.num_actors >= 1,
+         "extract.batch_size and extract.num_actors must be >= 1"),
+        (c.teacher.max_new_tokens >= 1, "teacher.max_new_tokens must be >= 1"),
+        (t.compress_dim >= 1 and t.kernel_size >= 1, "train.compress_dim and train.kernel_size must be >= 1"),
+        (t.grad_clip > 0, "train.grad_clip must be > 0"),
+        (t.temperature > 0, "train.temperature must be > 0"),
+        (t.entropy_weight >= 0 and t.collapse_weight >= 0, "train.entropy_weight and train.collapse_weight must be >= 0"),
+        (c.ray.num_cpus is None or c.ray.num_cpus >= 1, "ray.num_cpus must be >= 1, or null for all of them"),
+        (bool(c.work_dir), "work_dir is empty; give a directory for the outputs"),
+        (bool(c.model.path), "model.path is empty; give a LLaVA-1.5 or LLaVA-NeXT model directory"),
+    ]
+    if d.mt_shapes is not None:
+        m = d.mt_shapes
+        checks += [
+            (m.dialogues >= 1 and m.val >= 0 and m.test >= 0 and m.val + m.test < m.dialogues,
+             f"data.mt_shapes: dialogues ({m.dialogues}) must be >= 1 and larger than val + test ({m.val} + {m.test})"),
+            (m.image_size >= 8, f"data.mt_shapes.image_size = {m.image_size}: must be >= 8 pixels"),
+        ]
+    return checks
+
+
 def _resource_checks(c: PipelineConfig) -> list[tuple[bool, str]]:
     checks = []
     for stage in ("extract", "teacher", "train", "evaluate", "tprl"):
@@ -300,7 +381,15 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         (config.evaluate.batch_size > 0 and config.evaluate.max_new_tokens > 0,
          "evaluate.batch_size and evaluate.max_new_tokens must be positive"),
         (config.evaluate.matrix_images >= 0, "evaluate.matrix_images must be >= 0"),
+        (len(config.evaluate.seeds) > 0 and len(set(config.evaluate.seeds)) == len(config.evaluate.seeds),
+         "evaluate.seeds must be a non-empty list of distinct seeds"),
+        (all(g.max_new_tokens is None or g.max_new_tokens > 0 for g in config.evaluate.generation),
+         "evaluate.generation[].max_new_tokens must be positive"),
+        (config.evaluate.judge is None
+         or (config.evaluate.judge.concurrency > 0 and config.evaluate.judge.retries >= 0),
+         "evaluate.judge.concurrency must be positive and evaluate.judge.retries >= 0"),
         *_tprl_checks(config.tprl),
+        *_range_checks(config),
         *_resource_checks(config),
     ]
     for ok, message in checks:
@@ -322,15 +411,25 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                              "save it as UTF-8") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
         base = path.parent.resolve()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (work_dir, model, data, ...), got "
+                          f"{type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for i, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(parents[:i + 1])} is a value, not a section")
         node[leaf] = value
     try:
         config = config_from_dict(data)
@@ -349,4 +448,7 @@ def resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
     config.model.path = resolve(config.model.path)
     for name in ("train", "val", "test"):
         setattr(config.data, name, resolve(getattr(config.data, name)))
+    if config.evaluate.judge is not None:
+        for name in ("model_dir", "cache", "positions"):
+            setattr(config.evaluate.judge, name, resolve(getattr(config.evaluate.judge, name)))
     return config

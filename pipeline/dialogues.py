@@ -111,9 +111,15 @@ def _parse(obj: Any, base_dir: Path | None, check_image: bool) -> Dialogue:
     did = _nonempty_str(did, "dialogue_id")
     source = _nonempty_str(obj["source"], "source")
     image = _nonempty_str(obj["image"], "image")
+    if "\x00" in image:
+        _fail("image", "contains a NUL character")
     image_path = Path(image).expanduser()
     if not image_path.is_absolute() and base_dir is not None:
         image_path = base_dir / image_path
+        # a relative path stays inside the dataset's folder (docs/design.md §8); write an absolute path on purpose
+        if not os.path.normpath(image_path).startswith(os.path.normpath(base_dir) + os.sep):
+            _fail("image", f"relative path {image!r} leaves the dataset's folder {base_dir}; move the image inside "
+                  "it or give an absolute path")
     if check_image and not image_path.is_file():
         _fail("image", f"file not found: {image_path} (relative paths resolve against the jsonl file's folder)")
     turns_raw = obj["turns"]
@@ -177,16 +183,24 @@ def iter_dialogues(
         raise FileNotFoundError(f"dialogue file not found: {path} (expected a dialogues.jsonl file)")
     base_dir = path.resolve().parent
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: one undecodable line is one bad record, not a failed file
+        for lineno, data in enumerate(f, start=1):
+            raw = data.decode("utf-8", errors="replace")
             if not raw.strip():
                 continue
             did = None
             try:
                 try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _Invalid(f"not valid UTF-8 (byte 0x{data[e.start]:02x} at column {e.start + 1}); save the "
+                                   "file as UTF-8") from None
+                try:
                     obj = json.loads(raw)
                 except json.JSONDecodeError as e:
                     raise _Invalid(f"not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise _Invalid("not valid JSON (nested too deeply)") from None
                 if isinstance(obj, dict) and isinstance(obj.get("dialogue_id"), str):
                     did = obj["dialogue_id"]
                 dialogue = _parse(obj, base_dir, check_images)

@@ -28,6 +28,8 @@ def apply_defaults() -> None:
         # A driver joining a real cluster keeps the node's own address; loopback is for the embedded cluster.
         if not (joining and key == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
             os.environ.setdefault(key, value)
+    if os.environ.get("METACOMPRESS_VERBOSE") != "1":  # quiet console (docs/design.md §8): no weight-loading bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # The DeepSpeed launcher does not set it and multi-process CPU runs get 10x slower without it.
     if "OMP_NUM_THREADS" not in os.environ and os.environ.get("WORLD_SIZE", "1") != "1":
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -39,3 +41,58 @@ def disable_deepspeed_shm_build() -> None:
 
     # `import deepspeed.comm.torch` would resolve to the real torch package through a name clash.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+VERBOSE_ENV = "METACOMPRESS_VERBOSE"  # set by the CLI's --verbose
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+class _QuietConsole:
+    """The console in quiet mode (docs/design.md §8): the project's own warnings and anyone's errors; the rest
+    (library INFO, MLflow/DeepSpeed warnings) goes to the log file only."""
+
+    def filter(self, record) -> bool:
+        import logging
+
+        if record.name == "metacompress.traceback":  # the CLI prints the error in one line itself
+            return False
+        if record.levelno >= logging.ERROR:
+            return True
+        return record.levelno >= logging.WARNING and record.name.split(".")[0] == "metacompress"
+
+
+def configure_logging(log_dir: str | None = None) -> str | None:
+    """Quiet console (or everything with ``--verbose``); everything at INFO and above, Python warnings included,
+    in ``log_dir/run-<time>-<pid>.log`` when given. Returns the log file's path. Idempotent."""
+    import logging
+    import time
+    from pathlib import Path
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_metacompress", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler()
+    if verbose():
+        console.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
+        console.addFilter(lambda record: record.name != "metacompress.traceback")
+    else:
+        console.setLevel(logging.WARNING)
+        console.addFilter(_QuietConsole())
+        console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    console._metacompress = True
+    root.addHandler(console)
+    logging.captureWarnings(True)
+    if log_dir is None:
+        return None
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(log_dir) / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    handler._metacompress = True
+    root.addHandler(handler)
+    return str(path)

@@ -38,3 +38,28 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def files_sha256(directory: str, names: list[str] | None = None) -> dict[str, str]:
+    """{name: sha256} of the regular files directly in ``directory`` (or of ``names``), for a manifest or _SUCCESS."""
+    from pathlib import Path
+
+    root = Path(directory)
+    names = sorted(p.name for p in root.iterdir() if p.is_file()) if names is None else list(names)
+    return {name: file_sha256(str(root / name)) for name in names}
+
+
+def check_files(directory: str, recorded: dict[str, str]) -> str | None:
+    """None when every file of ``recorded`` ({name: sha256}) is in ``directory`` with that sha256; else the reason
+    for the first that is not, naming the file (docs/design.md §8: the integrity chain)."""
+    from pathlib import Path
+
+    if not recorded:
+        return f"{directory}: no sha256 recorded for its files (written by an older version)"
+    for name, digest in sorted(recorded.items()):
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if file_sha256(str(path)) != digest:
+            return f"{path} changed after it was written (its sha256 differs from the one recorded)"
+    return None

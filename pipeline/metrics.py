@@ -2,17 +2,23 @@
 
 Rules followed (docs/design.md §3.5):
 
-* **VQA-v2** (:func:`vqa_accuracy`): the *official* evaluation of GT-Vision-Lab/VQA
-  (``PythonEvaluationTools/vqaEvaluation/vqaEval.py``), reproduced rule by rule, including its quirks:
+* **VQA-v2**: the *official* evaluation of GT-Vision-Lab/VQA (``PythonEvaluationTools/vqaEvaluation/vqaEval.py``),
+  reproduced rule by rule, in two versions, named by the scorer (docs/design.md §3.5):
 
-  - the prediction: ``\\n`` and ``\\t`` become spaces, ``strip()``, then :func:`process_punctuation`, then
-    :func:`process_digit_article`;
-  - the reference answers get **only** :func:`process_punctuation`, and only when they are not all identical;
-  - score = mean over the references i of ``min(1, #{j != i : ref_j == prediction} / 3)`` (leave-one-out).
+  - ``vqa_v2`` (:func:`vqa_accuracy`, the default for VQA-v2 dialogues): the official file as it is since its
+    2021 fix ("Fixed processing answers bug"). The prediction and every reference get ``\\n``/``\\t`` -> space and
+    ``strip()``. Then, only when the references are not all identical, the references *and* the prediction get
+    :func:`process_punctuation` followed by :func:`process_digit_article`. When all references agree, nothing more
+    is done to either side ("Orange" against ten "orange" scores 0).
+  - ``vqa_v2_2016`` (:func:`vqa_accuracy_2016`): the file from 2016 to 2021, which earlier papers used. The prediction
+    always gets whitespace, :func:`process_punctuation`, then :func:`process_digit_article`; the references get
+    **only** :func:`process_punctuation`, and only when they are not all identical.
+  - Both: score = mean over the references i of ``min(1, #{j != i : ref_j == prediction} / 3)`` (leave-one-out).
 
-  The punctuation set is the official one, ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !``. (LLaVA's EvalAI processor
-  and lmms-eval use variants. We do not follow them.) The official code passes ``re.UNICODE`` (32) as the *count*
-  argument of the period-stripping ``sub``, so at most 32 periods are removed. We keep that behaviour too.
+  The punctuation set is the official one, ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` (no ``:`` and no ``'``).
+  (LLaVA's EvalAI processor and lmms-eval use variants. We do not follow them.) The official code passes
+  ``re.UNICODE`` (32) as the *count* argument of the period-stripping ``sub``, so at most 32 periods are removed. We
+  keep that behaviour too.
 * **GQA and MT-Shapes** (:func:`exact_match`): both the prediction and each reference go through the same VQA
   normalisation (punctuation, lower case, number words -> digits, articles dropped, contractions). Then the two
   strings are compared for equality. The official GQA ``eval.py`` compares raw strings. LLaVA first applies
@@ -98,23 +104,48 @@ def normalize_vqa_answer(text: str) -> str:
     return process_digit_article(process_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Official VQA-v2 soft accuracy of one prediction against its reference answers (10 for VQA-v2), in [0, 1].
-
-    Leave-one-out: for each reference i the prediction counts as matched ``min(1, m_i / 3)`` where m_i is the number of
-    *other* references equal to it. The score is the mean over i. With 10 references and k of them equal to the
-    prediction, this gives 0, 0.3, 0.6, 0.9, 1.0 for k = 0, 1, 2, 3, >= 4.
-    """
+def _check_answers(name: str, answers: Sequence[str]) -> list[str]:
     if isinstance(answers, str) or len(answers) == 0:
-        raise ValueError(f"vqa_accuracy needs a non-empty list of reference answers, got {answers!r}")
-    pred = normalize_vqa_answer(prediction)
-    refs = list(answers)
-    if len(set(refs)) > 1:  # official: references are processed only when they disagree, and only for punctuation
-        refs = [process_punctuation(a) for a in refs]
-    matches = [a == pred for a in refs]
+        raise ValueError(f"{name} needs a non-empty list of reference answers, got {answers!r}")
+    return list(answers)
+
+
+def _leave_one_out(prediction: str, refs: Sequence[str]) -> float:
+    matches = [a == prediction for a in refs]
     total = sum(matches)
-    scores = [min(1.0, (total - int(hit)) / 3.0) for hit in matches]
-    return sum(scores) / len(scores)
+    return sum(min(1.0, (total - int(hit)) / 3.0) for hit in matches) / len(matches)
+
+
+def _strip_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA-v2 soft accuracy, scorer ``vqa_v2``: the official ``vqaEval.py`` since its 2021 fix, in [0, 1].
+
+    Whitespace is normalised on both sides; the punctuation and digit/article steps run on the prediction and the
+    references only when the references disagree. Leave-one-out: for each reference i the prediction counts as
+    matched ``min(1, m_i / 3)`` where m_i is the number of *other* references equal to it; the score is the mean over
+    i. With 10 references and k of them equal to the prediction: 0, 0.3, 0.6, 0.9, 1.0 for k = 0, 1, 2, 3, >= 4.
+    """
+    refs = [_strip_whitespace(a) for a in _check_answers("vqa_accuracy", answers)]
+    pred = _strip_whitespace(prediction)
+    if len(set(refs)) > 1:
+        refs = [process_digit_article(process_punctuation(a)) for a in refs]
+        pred = process_digit_article(process_punctuation(pred))
+    return _leave_one_out(pred, refs)
+
+
+def vqa_accuracy_2016(prediction: str, answers: Sequence[str]) -> float:
+    """VQA-v2 soft accuracy, scorer ``vqa_v2_2016``: the official ``vqaEval.py`` of 2016-2021, in [0, 1].
+
+    The prediction is always fully normalised (:func:`normalize_vqa_answer`); the references get only
+    :func:`process_punctuation`, and only when they are not all identical. Same leave-one-out average.
+    """
+    refs = _check_answers("vqa_accuracy", answers)
+    if len(set(refs)) > 1:
+        refs = [process_punctuation(a) for a in refs]
+    return _leave_one_out(normalize_vqa_answer(prediction), refs)
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
@@ -125,15 +156,19 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
     return float(any(normalize_vqa_answer(a) == pred for a in answers))
 
 
-METRICS = {"vqa": vqa_accuracy, "exact": exact_match}
+METRICS = {"vqa_v2": vqa_accuracy, "vqa_v2_2016": vqa_accuracy_2016, "exact": exact_match}
 # dialogue source -> scorer name in METRICS; sources not listed (own data) use exact match.
-SCORERS = {"vqa_v2": "vqa", "gqa": "exact", "mt_shapes": "exact"}
+SCORERS = {"vqa_v2": "vqa_v2", "gqa": "exact", "mt_shapes": "exact"}
 JUDGED_SOURCES = {"convbench"}  # free-form answers: scored by pipeline.datasets.convbench's judge instead
 
 
-def score(source: str, prediction: str, references: Sequence[str]) -> float:
-    """Score in [0, 1] of one answer, by the dialogue's source (docs/design.md §5)."""
-    return METRICS[SCORERS.get(source, "exact")](prediction, references)
+def score(source: str, prediction: str, references: Sequence[str], metric: str | None = None) -> float:
+    """Score in [0, 1] of one answer: by ``metric`` (a name in :data:`METRICS`) when given, else by the dialogue's
+    source (docs/design.md §5)."""
+    name = metric or SCORERS.get(source, "exact")
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; known metrics: {', '.join(METRICS)}")
+    return METRICS[name](prediction, references)
 
 
 def same_answer(a: str, b: str) -> bool:

@@ -94,6 +94,10 @@ def promote(tracking_uri: str, name: str, evaluated: list[Evaluated]) -> Decisio
     if candidate is None:
         return Decision(False, f"registered model {name!r} has no {CANDIDATE!r} version")
     hashes = version_weights(client, tracking_uri, name, candidate.version)
+    recorded = (candidate.tags or {}).get("weights_sha256")  # set at registration (docs/design.md §8)
+    if recorded and recorded not in hashes:
+        return Decision(False, f"candidate version {candidate.version}: its stored model.safetensors differs from the "
+                               "sha256 recorded at registration (damaged); not promoted", candidate.version)
     match = next((e for e in evaluated if e.weights_sha256 in hashes), None)
     if match is None:
         rates = ", ".join(str(e.rate) for e in evaluated) or "none"

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.config import PipelineConfig
+from pipeline.hashing import file_sha256
 
 CANDIDATE = "candidate"
+WORK_DIR_TAG = "metacompress.work_dir"  # on pipeline and stage runs: which work_dir's lease they ran under
+WEIGHTS_SHA_TAG = "weights_sha256"  # registry tag: sha256 of the version's model.safetensors (docs/design.md §8)
 MODEL_FILE = Path(__file__).with_name("mlflow_model.py")
 
 
@@ -92,6 +95,39 @@ def setup(config: PipelineConfig) -> str:
     return experiment_id
 
 
+def work_dir_key(config: PipelineConfig) -> str:
+    return str(Path(config.work_dir).resolve()) if "://" not in config.work_dir else config.work_dir
+
+
+def close_stale_runs(config: PipelineConfig) -> list[str]:
+    """Mark KILLED the runs a killed driver left RUNNING on this work_dir (docs/design.md §8): pipeline and stage
+    runs tagged with the work_dir, and every run nested under them. Call it while holding the work_dir's lease
+    (pipeline/lease.py): then no other live run can own them. -> the ids closed."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(config)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return []  # no store yet: nothing can be stale
+    setup(config)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+    key, stale = work_dir_key(config), set()
+    changed = True
+    while changed:  # the tagged runs, then their children, grandchildren...
+        changed = False
+        for r in running:
+            tags = r.data.tags
+            if r.info.run_id not in stale and (tags.get(WORK_DIR_TAG) == key
+                                               or tags.get("mlflow.parentRunId") in stale):
+                stale.add(r.info.run_id)
+                changed = True
+    for run_id in sorted(stale):
+        client.set_tag(run_id, "closed_by", "the next run on this work_dir (its driver was killed)")
+        client.set_terminated(run_id, status="KILLED")
+    return sorted(stale)
+
+
 def flatten(data: dict, prefix: str = "") -> dict[str, str]:
     """Nested config dict -> {"train.lr": "0.001", ...} (MLflow params are flat strings, at most 6000 chars)."""
     out: dict[str, str] = {}
@@ -110,7 +146,8 @@ def pipeline_run(config: PipelineConfig, name: str | None = None) -> Iterator:
     import mlflow
 
     setup(config)
-    with mlflow.start_run(run_name=name or time.strftime("pipeline-%Y%m%d-%H%M%S")) as run:
+    with mlflow.start_run(run_name=name or time.strftime("pipeline-%Y%m%d-%H%M%S"),
+                          tags={WORK_DIR_TAG: work_dir_key(config)}) as run:
         mlflow.log_params(flatten(config.to_dict()))
         mlflow.set_tag("work_dir", config.work_dir)
         yield run
@@ -122,7 +159,8 @@ def stage_run(config: PipelineConfig, stage: str, params: dict | None = None) ->
     import mlflow
 
     setup(config)
-    with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None) as run:
+    with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None,
+                          tags={WORK_DIR_TAG: work_dir_key(config)}) as run:
         mlflow.set_tag("stage", stage)
         if params:
             mlflow.log_params(params)
@@ -161,6 +199,8 @@ def log_compressor(directory: str | Path, config: PipelineConfig, tags: dict | N
         name="compressor", python_model=str(MODEL_FILE), artifacts={"compressor": str(directory)},
         signature=signature, pip_requirements=["torch", "safetensors", "numpy"])  # no slow inference run
     name = config.tracking.registered_model
+    # the registry keeps the weights' sha256; load_compressor checks it (docs/design.md §8)
+    tags = {**(tags or {}), WEIGHTS_SHA_TAG: file_sha256(str(directory / "model.safetensors"))}
     version = mlflow.register_model(info.model_uri, name, tags=tags)
     client = MlflowClient()
     client.set_registered_model_alias(name, CANDIDATE, version.version)
@@ -174,16 +214,56 @@ def load_compressor(ref: str | Path, map_location: str = "cpu"):
     For URIs the tracking/registry URI must be set (``setup(config)``, ``MLFLOW_TRACKING_URI``)."""
     import tempfile
 
-    from compress.metacompress import MetaCompress
-
     ref = str(ref)
     if "://" not in ref and not ref.startswith("models:/"):
-        return MetaCompress.from_pretrained(_find_weights(Path(ref), ref), map_location)
+        return _read_compressor(_find_weights(Path(ref), ref), map_location)
     import mlflow
 
+    expected = registered_sha256(ref)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp))
-        return MetaCompress.from_pretrained(_find_weights(local, ref), map_location)
+        found = _find_weights(local, ref)
+        if expected is not None and file_sha256(str(found / "model.safetensors")) != expected:
+            raise ValueError(f"{ref}: model.safetensors differs from the sha256 the registry recorded for this version "
+                             f"({expected[:12]}...): the stored weights were changed or damaged; they are not used. "
+                             "Register the compressor again from its work_dir (metacompress run --stages train)")
+        return _read_compressor(found, map_location)
+
+
+def _read_compressor(directory: Path, map_location: str):
+    """``MetaCompress.from_pretrained``, with a damaged file (truncated safetensors, bad config.json) reported as a
+    ValueError naming the directory (docs/design.md §8)."""
+    from compress.metacompress import MetaCompress
+
+    try:
+        return MetaCompress.from_pretrained(directory, map_location)
+    except (ValueError, OSError):
+        raise
+    except Exception as e:  # safetensors' own error type for a truncated or malformed file
+        raise ValueError(f"{directory}: cannot read the compressor ({type(e).__name__}: {e}); the file is damaged: "
+                         "train it again or load another version") from e
+
+
+def registered_sha256(ref: str) -> str | None:
+    """The weights' sha256 tag of the registry version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``
+    (None for other URIs or versions registered without it)."""
+    if not ref.startswith("models:/"):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    body = ref[len("models:/"):].strip("/")
+    client = MlflowClient()
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif "/" in body:
+        name, number = body.rsplit("/", 1)
+        if not number.isdigit():
+            return None
+        version = client.get_model_version(name, number)
+    else:
+        return None
+    return (version.tags or {}).get(WEIGHTS_SHA_TAG)
 
 
 def _find_weights(root: Path, ref: str) -> Path:

@@ -38,7 +38,8 @@ def load_split(config: PipelineConfig, split: str, limit: int | None) -> tuple[l
     bad: list[list[str]] = []
     records: list[dict] = []
     for d in iter_dialogues(path, check_images=False,
-                            on_error=lambda e: bad.append([e.dialogue_id or f"{e.path}:{e.line}", e.reason])):
+                            on_error=lambda e: bad.append([e.dialogue_id or f"{e.path}:{e.line}",
+                                                             f"{e.path}:{e.line}: {e.reason}"])):
         records.append({"dialogue_id": d.dialogue_id, "image": str(d.image), "source": d.source,
                         "questions": [t.question for t in d.turns], "answers": [list(t.answers) for t in d.turns]})
         if limit is not None and len(records) >= limit:

@@ -58,7 +58,8 @@ def finished_extract_args(config: PipelineConfig, split: str, consumer: str) -> 
 def teacher_hash(config: PipelineConfig) -> str:
     return config_hash({"model": model_identity(config.model.path), "dtype": config.model.dtype,
                         "top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
-                        "history": config.teacher.history, "format": config.shards.format})
+                        "history": config.teacher.history, "format": config.shards.format,
+                        "targets": "answer+end_of_turn"})  # targets end with the stop token (docs/design.md §5)
 
 
 def teacher_uri(config: PipelineConfig, split: str) -> str:
@@ -80,6 +81,48 @@ def rate_dir(config: PipelineConfig, rate: float) -> str:
 def compressor_dir(config: PipelineConfig, rate: float) -> str:
     """Where the trained compressor of ``rate`` is saved (``MetaCompress.save_pretrained``)."""
     return f"{rate_dir(config, rate)}/compressor"
+
+
+def trained_files_problem(marker: str, directory: str) -> str | None:
+    """None when the weights in ``directory`` are the bytes its stage's ``_SUCCESS`` (``marker``) recorded; else why
+    not, naming the file (docs/design.md §8). A missing marker is a problem too: nothing vouches for the files."""
+    import json
+    from pathlib import Path
+
+    from pipeline.hashing import check_files
+
+    try:
+        recorded = json.loads(Path(marker).read_text()).get("files", {})
+    except FileNotFoundError:
+        return f"{marker} is missing (the stage did not finish writing {directory})"
+    except (ValueError, AttributeError):
+        return f"{marker} is not the JSON the stage writes"
+    return check_files(directory, recorded if isinstance(recorded, dict) else {})
+
+
+def write_trained_marker(marker: str, directory: str, record: dict) -> None:
+    """``marker`` (a stage's ``_SUCCESS``) = ``record`` plus ``files``: the sha256 of every file in ``directory``,
+    checked by every consumer before use (docs/design.md §8); written to a temporary file and renamed."""
+    import json
+    import os
+    from pathlib import Path
+
+    from pipeline.hashing import files_sha256
+
+    path = Path(marker)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({**record, "files": files_sha256(directory)}, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def verified_trained_dir(marker: str, directory: str, stage: str) -> str:
+    """``directory`` after checking it against ``marker``; a ValueError naming the damaged file otherwise."""
+    problem = trained_files_problem(marker, directory)
+    if problem:
+        raise ValueError(f"{problem}; it is not used. Run the {stage} stage again: it recomputes the weights from "
+                         "its checkpoints")
+    return directory
 
 
 # --- tprl: one policy ----------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class TeacherWorker:
         answer_ids: list[list[list[int]]] = [[] for _ in dialogues]
         for t in range(turns):
             for b, result in enumerate(session.ask([d["questions"][t] for d in dialogues])):
-                answer_ids[b].append(result.answer_ids)
+                answer_ids[b].append(result.target_ids)  # with the end-of-turn token (docs/design.md §5)
         with torch.no_grad():
             forced = answer_logits_batch(ad, [f.tokens for f in features], [d["questions"] for d in dialogues],
                                          answer_ids)

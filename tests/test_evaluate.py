@@ -43,8 +43,12 @@ def save_compressor(config, rate: float, seed: int = 0) -> None:
     from compress.metacompress import MetaCompress
     from stages.evaluate import compressor_dir
 
+    from stages.outputs import rate_dir, write_trained_marker
+
     torch.manual_seed(seed)
     MetaCompress(hidden_size=64, compress_dim=16).save_pretrained(compressor_dir(config, rate))  # untrained
+    # as the train stage leaves it: _SUCCESS records the weights' sha256, which evaluate checks (docs/design.md §8)
+    write_trained_marker(f"{rate_dir(config, rate)}/_SUCCESS", compressor_dir(config, rate), {"run_hash": "test"})
 
 
 def read_csv(path: Path) -> list[dict]:

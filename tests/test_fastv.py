@@ -152,3 +152,29 @@ def test_fastv_per_turn_recompression_reranks_with_the_new_question(llava):
     ref = masked_reference_logits(llava, ids, tokens, dropped)
     assert torch.allclose(second.first_logits, ref, atol=ATOL), (second.first_logits - ref).abs().max()
     assert second.stats.prefill_tokens == len(ids)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_last_query_row_equals_the_eager_full_matrix(family, llava, llava_next):
+    """FastV computes only the last query row of layer K-1; it equals row -1 of transformers' eager (B, H, L, L)
+    weights on the same left-padded batch (docs/design.md §4.4.2)."""
+    from compress.lvlm import decoder
+
+    ad = llava if family == "llava" else llava_next
+    lm = ad.language_model
+    layer = lm.layers[K - 1].self_attn
+    ids, mask = torch.randint(5, 40, (2, 12)), torch.ones(2, 12, dtype=torch.bool)
+    mask[1, :3] = False  # a left-padded row
+    embeds = ad.model.get_input_embeddings()(ids)
+    captured = {}
+    for name, ctx in (("eager", lambda km: decoder.eager_attention(layer)),
+                      ("last", lambda km: decoder.last_query_attention(layer, km))):
+        state = decoder.DecoderState.empty(lm, 2, ad.device)
+        with torch.no_grad(), ctx(mask) as box:
+            decoder.forward(lm, state, embeds, mask)
+        captured[name] = box["weights"]
+    full, last = captured["eager"], captured["last"]
+    assert full.shape[2] == 12 and last.shape[2] == 1
+    assert torch.allclose(last[:, :, 0], full[:, :, -1].float(), atol=1e-6)
+    assert torch.allclose(last.sum(-1), torch.ones_like(last.sum(-1)), atol=1e-6)
+    assert float(last[1, :, 0, :3].abs().max()) == 0.0  # padding gets no attention

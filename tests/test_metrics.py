@@ -13,7 +13,9 @@ from pipeline.metrics import (
     per_turn_accuracy,
     process_digit_article,
     process_punctuation,
+    score,
     vqa_accuracy,
+    vqa_accuracy_2016,
 )
 
 
@@ -73,12 +75,61 @@ def test_punctuation_decision_uses_input_text() -> None:
         ("dog", ["the dog"] * 10, 0.0),
     ],
 )
-def test_vqa_accuracy_hand_cases(prediction: str, answers: list[str], expected: float) -> None:
+def test_vqa_2016_hand_cases(prediction: str, answers: list[str], expected: float) -> None:
+    assert vqa_accuracy_2016(prediction, answers) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "prediction, answers, expected",
+    [
+        # the issue's cases: identical references -> nothing normalised on either side
+        ("Orange", ["orange"] * 10, 0.0),
+        ("orange", ["orange"] * 10, 1.0),
+        # disagreeing references -> both sides get punctuation + digit/article: "a dog" -> "dog" (k = 4)
+        ("dog", ["a dog"] * 3 + ["dog"] + ["cat"] * 6, 1.0),
+        ("two", ["2"] * 10, 0.0),
+        ("two", ["two"] * 4 + ["three"] * 6, 1.0),  # references now get number words too
+        ("the dog", ["the dog"] * 10, 1.0),
+        ("Yes.", ["yes"] * 3 + ["no"] * 7, 0.9),
+        ("red", ["red"] + ["blue"] * 9, 0.3),
+        ("red", ["red"] * 2 + ["blue"] * 8, 0.6),
+        (" red\n", ["red"] * 10, 1.0),  # whitespace is stripped on both sides in every case
+        ("Yes", ["yes\t"] + ["yes"] * 9, 0.0),  # the references agree once stripped: no case folding
+        ("t shirt", ["t-shirt"] * 2 + ["shirt"] * 8, 0.6),
+    ],
+)
+def test_vqa_current_hand_cases(prediction: str, answers: list[str], expected: float) -> None:
     assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
 
 
+def test_the_two_versions_differ_only_where_the_fix_changed_the_rules() -> None:
+    assert vqa_accuracy_2016("Orange", ["orange"] * 10) == 1.0
+    assert vqa_accuracy_2016("dog", ["a dog"] * 3 + ["dog"] + ["cat"] * 6) == pytest.approx(0.3)
+    assert score("vqa_v2", "Orange", ["orange"] * 10) == 0.0  # the source's default is the current file
+    assert score("vqa_v2", "Orange", ["orange"] * 10, metric="vqa_v2_2016") == 1.0
+    with pytest.raises(ValueError, match="unknown metric 'vqa'.*vqa_v2_2016"):
+        score("vqa_v2", "x", ["x"], metric="vqa")
+
+
+def _official_loop_2021(prediction: str, answers: list[str]) -> float:
+    """The current official per-question loop over answer dicts with ids: whitespace on every answer, then the
+    two processing steps on both sides only when the answers disagree."""
+    gts = [{"answer": a.replace("\n", " ").replace("\t", " ").strip(), "answer_id": i + 1}
+           for i, a in enumerate(answers)]
+    res = prediction.replace("\n", " ").replace("\t", " ").strip()
+    if len({g["answer"] for g in gts}) > 1:
+        for g in gts:
+            g["answer"] = process_digit_article(process_punctuation(g["answer"]))
+        res = process_digit_article(process_punctuation(res))
+    accs = []
+    for g in gts:
+        others = [item for item in gts if item != g]
+        accs.append(min(1.0, len([item for item in others if item["answer"] == res]) / 3))
+    return sum(accs) / len(accs)
+
+
 def _official_loop(prediction: str, answers: list[str]) -> float:
-    """The official per-question loop, written over answer dicts with ids as the official code does."""
+    """The 2016 official per-question loop, written over answer dicts with ids as the official code does."""
     gts = [{"answer": a, "answer_id": i + 1} for i, a in enumerate(answers)]
     res = normalize_vqa_answer(prediction)
     if len({g["answer"] for g in gts}) > 1:
@@ -93,11 +144,12 @@ def _official_loop(prediction: str, answers: list[str]) -> float:
 
 def test_vqa_accuracy_matches_official_loop_on_random_cases() -> None:
     rng = random.Random(0)
-    pool = ["yes", "no", "2", "two", "red", "t-shirt", "t shirt", "the cat", "cat", "1,000", "1000"]
+    pool = ["yes", "no", "2", "two", "red", "t-shirt", "t shirt", "the cat", "cat", "1,000", "1000", " yes\n", "a cat"]
     for _ in range(300):
         answers = [rng.choice(pool) for _ in range(10)]
         prediction = rng.choice(pool + ["Yes.", "Two", "A cat!"])
-        assert vqa_accuracy(prediction, answers) == pytest.approx(_official_loop(prediction, answers))
+        assert vqa_accuracy_2016(prediction, answers) == pytest.approx(_official_loop(prediction, answers))
+        assert vqa_accuracy(prediction, answers) == pytest.approx(_official_loop_2021(prediction, answers))
 
 
 def test_exact_match() -> None:

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import tensor_columns as shards
+from pipeline import shards, tensor_columns
 from pipeline.hashing import config_hash
 from pipeline.shards import CorruptShard, IncompatibleOutput, StageOutput, bytes_per_answer_token, iter_webdataset
 from pipeline.tensor_columns import arrow_to_features, features_to_arrow, teacher_targets
@@ -84,7 +84,7 @@ def test_round_trip_bit_exact(tmp_path, fmt):
              for j, turns in enumerate([(3, 0, 2), (), (1,)])]
     o.write_shard(1, trecs)
     for r, q in zip(o.read_records(1), trecs):
-        for c in shards.TEACHER_COLUMNS:
+        for c in tensor_columns.TEACHER_COLUMNS:
             assert len(r[c]) == len(q[c]) and all(same_bits(a, b) for a, b in zip(r[c], q[c]))
 
 
@@ -95,10 +95,10 @@ def test_bfloat16_stored_as_uint16_bits(tmp_path):
         o = out(tmp_path, fmt, name=fmt)
         o.write_shard(0, [{"sample_id": f"s{j}", "x": x} for j, x in enumerate(xs)])
         table = o.read_shard(0)
-        assert table.schema.field("x").metadata[shards.TAG] == b"bfloat16"
+        assert table.schema.field("x").metadata[tensor_columns.TAG] == b"bfloat16"
         for r, x in zip(o.read_records(0), xs):
             assert r["x"].dtype == np.uint16
-            assert torch.equal(shards.bf16_to_torch(r["x"]), x)
+            assert torch.equal(tensor_columns.bf16_to_torch(r["x"]), x)
             assert r["x"].tobytes() == x.view(torch.int16).numpy().tobytes()
 
 
@@ -112,7 +112,7 @@ def test_atomic_publish_crash_between_write_and_rename(tmp_path, monkeypatch):
         if dest.endswith(".parquet"):
             assert not os.path.exists(dest), "final name visible before rename"
             with open(tmp, "rb") as f:  # the temporary file is complete, only its publication is missing
-                back = shards.table_to_records(pq.read_table(f))
+                back = tensor_columns.table_to_records(pq.read_table(f))
             assert all(same_bits(b["x_img"], r["x_img"]) for b, r in zip(back, recs)) and len(back) == len(recs)
             raise KeyboardInterrupt("killed between write and rename")
         real(self, tmp, dest)
@@ -355,7 +355,7 @@ def test_webdataset_streaming_and_other_filesystems(tmp_path):
 
 def test_bad_input_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match="record 1 has keys"):
-        shards.records_to_table([{"a": 1, "x": np.zeros((1, 2), np.float16)}, {"a": 2}])
+        tensor_columns.records_to_table([{"a": 1, "x": np.zeros((1, 2), np.float16)}, {"a": 2}])
     with pytest.raises(ValueError, match="array 1 has dtype float16 shape \\(2, 3\\)"):
         features_to_arrow([np.zeros((1, 2), np.float16), np.zeros((2, 3), np.float16)])
     with pytest.raises(ValueError, match="turn 0"):

@@ -294,12 +294,12 @@ def test_failed_job_exits_non_zero_and_is_retried_under_a_new_id(tmp_path, ray_h
 
     uri, _ = mlflow_server
     path = write_config(tmp_path, "broken.yaml", tracking={"uri": uri, "experiment": "submit-broken"})
-    # valid config, but its data does not exist on the "cluster": the job fails there
+    # valid config, but its model and data do not exist on the "cluster": the job fails there, before any work
     done = metacompress("submit", str(path), "--address", ray_head, "--stages", "extract", "--follow",
                         "--python", sys.executable)
     job_id = plan_job(path, "extract").submission_id
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"job {job_id} FAILED" in done.stderr and "dialogues.jsonl" in done.stdout + done.stderr
+    assert f"job {job_id} FAILED" in done.stderr and "does not exist" in done.stdout + done.stderr
     again = metacompress("submit", str(path), "--address", ray_head, "--stages", "extract")
     assert again.returncode == 0 and f"submitted {job_id}-r2" in again.stdout, again.stdout + again.stderr
     client = JobSubmissionClient(ray_head)

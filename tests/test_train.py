@@ -169,6 +169,41 @@ def test_killed_run_resumes_to_the_same_weights(workspace, zero2_run, monkeypatc
         assert torch.equal(expected[key], got[key]), key
 
 
+def test_planted_pickles_never_run_and_damaged_weights_are_recomputed(workspace, zero2_run, monkeypatch, tmp_path):
+    """docs/design.md §8. A crash leaves checkpoints; pickles planted in them (under DeepSpeed's file names, and in
+    place of one rank's tensors) never run: the damaged checkpoint is refused and the rate is trained again from step
+    0, to the uninterrupted run's weights. Then 8 flipped bytes in the finished compressor: train rebuilds it from
+    its last checkpoint instead of reusing it."""
+    import torch
+
+    from stages import train
+    from tests.test_integrity import flip_bytes, plant
+
+    config = fresh_work(workspace, "planted")
+    monkeypatch.setenv(train.CRASH_ENV, "5")
+    with pytest.raises(Exception):
+        train.run(config, progress=False)
+    monkeypatch.delenv(train.CRASH_ENV)
+    marker = tmp_path / "code-ran"
+    tensors = sorted((Path(config.work_dir) / "train" / "ray").rglob("rank-1.safetensors"))
+    assert tensors  # the crash left checkpoints in the safetensors + JSON format
+    for path in tensors:
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "latest"):
+            plant(path.parent / name, marker)
+        plant(path, marker)
+    resumed = train.run(config, progress=False).results[RATE]
+    assert resumed["step"] == 8 and not marker.exists()
+    expected = load_state(train.compressor_dir(zero2_run[0], RATE))
+    directory = Path(train.compressor_dir(config, RATE))
+    for key, value in load_state(directory).items():
+        assert torch.equal(expected[key], value), key
+    flip_bytes(directory / "model.safetensors")
+    again = train.run(config, progress=False)
+    assert again.computed == 1 and not marker.exists()
+    for key, value in load_state(directory).items():
+        assert torch.equal(expected[key], value), key
+
+
 def test_zero3_two_workers_match_zero2(workspace, zero2_run):
     import torch
 

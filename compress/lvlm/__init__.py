@@ -38,14 +38,16 @@ def model_family(model_dir: str | Path) -> str:
     return model_type
 
 
-def load_adapter(model_dir: str | Path, device: str = "cpu", dtype=None, attn_implementation: str | None = None):
+def load_adapter(model_dir: str | Path, device: str = "cpu", dtype=None, attn_implementation: str | None = None,
+                 conversation: str = "auto"):
     """The adapter for the checkpoint in ``model_dir`` (LlavaAdapter / LlavaNextAdapter); remote code is never
-    trusted (transformers' own classes only)."""
+    trusted (transformers' own classes only). ``conversation``: the prompt format (``compress.lvlm.conversation``;
+    ``auto`` = the format the family was trained with)."""
     import importlib
 
     module, cls = ADAPTERS[model_family(model_dir)].split(":")
     return getattr(importlib.import_module(module), cls).from_pretrained(
-        model_dir, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        model_dir, device=device, dtype=dtype, attn_implementation=attn_implementation, conversation=conversation)
 
 
 __all__ = ["ADAPTERS", "load_adapter", "model_family"]

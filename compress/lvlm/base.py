@@ -79,7 +79,8 @@ class LVLMAdapter:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, attn_implementation: str | None = None) -> "LVLMAdapter":
+                        dtype: torch.dtype | None = None, attn_implementation: str | None = None,
+                        conversation: str = "auto") -> "LVLMAdapter":
         import transformers
         from transformers import AutoTokenizer
 
@@ -88,19 +89,33 @@ class LVLMAdapter:
             str(model_dir), dtype=dtype or torch.float32, attn_implementation=attn_implementation,
             use_safetensors=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        return cls(model, tokenizer, cls.load_processor(model_dir, model.config), model_dir)
+        return cls(model, tokenizer, cls.load_processor(model_dir, model.config), model_dir,
+                   conversation=conversation)
 
     @classmethod
     def load_processor(cls, model_dir: Path, config):
         raise NotImplementedError
 
     def __init__(self, model: nn.Module, tokenizer, image_processor, model_dir: str | Path,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, conversation: str = "auto"):
+        from compress.lvlm.decoder import attention_kernel
+
+        attention_kernel(model.config.text_config)  # flash_attention_2 & co. refused by name
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.model_dir = Path(model_dir)
-        self.chat_template = chat_template or read_chat_template(self.model_dir, tokenizer)
+        # The conversation format (docs/design.md §5): an explicit template wins; otherwise the format the family
+        # was trained with when the tokenizer can spell it, else the checkpoint's own template.
+        if chat_template is not None:
+            self.conversation, self.chat_template = "given", chat_template
+        else:
+            from compress.lvlm.conversation import resolve
+
+            own = read_chat_template(self.model_dir, tokenizer)
+            self.conversation, self.chat_template = resolve(
+                conversation, self.family, getattr(model.config.text_config, "model_type", None), tokenizer, own,
+                str(self.model_dir))
         self.image_token_id = int(model.config.image_token_id)
         self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
         gen = getattr(model, "generation_config", None)
@@ -115,6 +130,9 @@ class LVLMAdapter:
         ids = tokenizer(VQA_SUFFIX, add_special_tokens=False).input_ids
         unknown = sum(i == tokenizer.unk_token_id for i in ids) if tokenizer.unk_token_id is not None else 0
         self.vqa_suffix = VQA_SUFFIX if 2 * unknown < len(ids) else None
+        from compress.lvlm.conversation import check_rendering
+
+        check_rendering(self.render(["q", "q"]), tokenizer, str(self.model_dir))
 
     # --- model parts -------------------------------------------------------------------------------------------
     @property
@@ -230,8 +248,19 @@ class LVLMAdapter:
     def answer_ids(self, answer: str | list[int]) -> list[int]:
         """A reference answer as the model would generate it (no special tokens); ids pass through unchanged."""
         if isinstance(answer, str):
-            return self.tokenizer(answer.strip(), add_special_tokens=False).input_ids
+            return self.answer_text_ids(answer.strip())
         return [int(i) for i in answer]
+
+    def answer_text_ids(self, text: str) -> list[int]:
+        """``text`` tokenised as it reads right after the generation prompt (``ASSISTANT:`` / ``[/INST]``) and a space:
+        the ids of ``":" + " " + text`` past those of ``":"``. SentencePiece's dummy prefix and byte-level BPE's
+        ``Ġ`` thus both give the word-initial pieces the whole-conversation tokenisation has (docs/design.md §5)."""
+        tok = self.tokenizer
+        anchor = tok(":", add_special_tokens=False).input_ids
+        both = tok(": " + text, add_special_tokens=False).input_ids
+        if both[: len(anchor)] == anchor:
+            return both[len(anchor):]
+        return tok(text, add_special_tokens=False).input_ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

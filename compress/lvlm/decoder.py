@@ -65,6 +65,30 @@ def additive_mask(key_mask: torch.Tensor, q: int, dtype: torch.dtype) -> torch.T
     return out.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def attention_kernel(config) -> str:
+    """The decoder's attention implementation; the driver supports ``sdpa`` and ``eager`` and refuses the others by
+    name: ``flash_attention_2`` (and flex/paged kernels) read a 2-D padding mask, not the per-layer key masks and
+    gapped positions FastV and left padding need (docs/design.md §5)."""
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation={impl!r} is not supported by the multi-turn decoder driver (per-row key "
+                         "masks, FastV's pruned layers); load the model with attn_implementation='sdpa' (default) or "
+                         "'eager'")
+    return impl
+
+
+def mask_free(layer: nn.Module, key_mask: torch.Tensor, q: int) -> bool:
+    """Whether a layer's step needs no mask tensor: every key real and either one query (a decode step sees all
+    keys) or, with SDPA, a prompt over no cached keys (SDPA's own causal flag, which lets it pick a flash or
+    memory-efficient kernel). Eager attention needs the causal mask for q > 1."""
+    kv = key_mask.shape[1]
+    if not bool(key_mask.all()):
+        return False
+    if q == 1:
+        return True
+    return kv == q and getattr(layer.self_attn.config, "_attn_implementation", None) == "sdpa"
+
+
 @contextlib.contextmanager
 def eager_attention(attn: nn.Module):
     """Run one attention module with eager attention and capture its weights (B, H, q, kv) in ``box["weights"]``.
@@ -79,6 +103,39 @@ def eager_attention(attn: nn.Module):
     finally:
         handle.remove()
         attn.config = original
+
+
+@contextlib.contextmanager
+def last_query_attention(attn: nn.Module, key_mask: torch.Tensor):
+    """Run one attention module with its own kernel and compute, from the same inputs, the attention weights of the
+    last query row only: ``box["weights"]`` (B, H, 1, L) float32, what eager attention's last row holds, without the
+    (B, H, L, L) matrix (FastV ranks with that row; docs/design.md §4.4.2). A first prefill only: key_mask (B, L)
+    marks the real keys, which are the queries themselves (the last query sees all of them)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(mod, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        if hidden.shape[1] != key_mask.shape[1]:
+            raise ValueError("the last-row attention of FastV needs a first prefill (no cached keys)")
+        b, length, _ = hidden.shape
+        hd = mod.head_dim
+        q = mod.q_proj(hidden[:, -1:]).view(b, 1, -1, hd).transpose(1, 2)
+        k = mod.k_proj(hidden).view(b, length, -1, hd).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        k = repeat_kv(k, q.shape[1] // k.shape[1])
+        logits = torch.matmul(q, k.transpose(2, 3)).float() * mod.scaling
+        logits = logits.masked_fill(~key_mask[:, None, None, :], torch.finfo(torch.float32).min)
+        box["weights"] = logits.softmax(-1)
+
+    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield box
+    finally:
+        handle.remove()
 
 
 def forward(lm: nn.Module, state: DecoderState, embeds: torch.Tensor, new_mask: torch.Tensor,
@@ -98,7 +155,8 @@ def forward(lm: nn.Module, state: DecoderState, embeds: torch.Tensor, new_mask: 
         key = (id(state.key_masks[index]), id(cur))
         if key not in memo:  # layers that share their cached mask share the 4-D mask too
             km = torch.cat([state.key_masks[index], cur], 1)
-            memo[key] = (km, additive_mask(km, cur.shape[1], hidden.dtype))
+            memo[key] = (km, None if mask_free(layer, km, cur.shape[1]) else
+                         additive_mask(km, cur.shape[1], hidden.dtype))
         km, mask = memo[key]
         key_masks[index] = km
         real = cur.sum(1)
@@ -108,7 +166,7 @@ def forward(lm: nn.Module, state: DecoderState, embeds: torch.Tensor, new_mask: 
         call = dict(attention_mask=mask, position_ids=pos, past_key_values=state.cache,
                     use_cache=state.cache is not None, position_embeddings=(cos, sin))
         if pruner is not None and index == pruner.layer:
-            with eager_attention(layer.self_attn) as box:
+            with last_query_attention(layer.self_attn, km) as box:
                 hidden = layer(hidden, **call)
             idx, valid = pruner(box["weights"], cur)
             take = idx[..., None]

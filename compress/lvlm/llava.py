@@ -44,7 +44,21 @@ class LlavaAdapter(LVLMAdapter):
 
     @classmethod
     def load_processor(cls, model_dir: Path, config):
-        return load_image_processor(model_dir, _PROCESSORS["CLIPImageProcessor"], config.vision_config.image_size)
+        """The directory's processor; LLaVA-1.5's pad-to-square (docs/design.md §5) when the checkpoint asks for it:
+        ``"do_pad": true`` in preprocessor_config.json (llava-hf's LlavaImageProcessor) or ``"image_aspect_ratio":
+        "pad"`` in config.json (LLaVA's own checkpoints). Padding is the image-mean colour, before the resize."""
+        proc = load_image_processor(model_dir, _PROCESSORS["CLIPImageProcessor"], config.vision_config.image_size)
+        pre = model_dir / "preprocessor_config.json"
+        wants_pad = getattr(config, "image_aspect_ratio", None) == "pad" or (
+            pre.is_file() and json.loads(pre.read_text()).get("do_pad") is True)
+        pad = _import(_PROCESSORS["LlavaImageProcessor"])
+        if wants_pad and not (isinstance(proc, pad) and proc.do_pad):  # CLIP's processor ignores do_pad
+            if pre.is_file():
+                proc = pad.from_pretrained(str(model_dir), do_pad=True)
+            else:
+                side = config.vision_config.image_size
+                proc = pad(size={"shortest_edge": side}, crop_size={"height": side, "width": side}, do_pad=True)
+        return proc
 
     def grid(self) -> tuple[int, int]:
         vc = self.model.config.vision_config

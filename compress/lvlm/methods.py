@@ -84,3 +84,16 @@ def get_method(name: str, compressor=None) -> Method:
             compressor = TPRLReducer(TPRLPolicy.from_pretrained(compressor))
         method = Method(name, "feature", compressor)
     return method
+
+
+STOCHASTIC_METHODS = ("random",)  # methods whose result depends on a seed (evaluated once per evaluate.seeds)
+
+
+def seeded_method(name: str, seed: int) -> Method:
+    """A stochastic method with its per-image seeding (``random``: ``compress.baselines.random.PerImageRandom``;
+    name the images with ``method.fn.for_images(ids)`` before reducing them)."""
+    if name not in STOCHASTIC_METHODS:
+        raise ValueError(f"method {name!r} takes no seed; stochastic methods: {', '.join(STOCHASTIC_METHODS)}")
+    from compress.baselines.random import PerImageRandom
+
+    return Method(name, "feature", PerImageRandom(seed))

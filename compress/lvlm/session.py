@@ -33,7 +33,8 @@ HISTORY_MODES = ("model", "reference")
 
 @dataclass
 class TurnResult:
-    """One turn of one dialogue. ``first_logits`` (V,): the logits of the first answer token (float32, CPU)."""
+    """One turn of one dialogue. ``first_logits`` (V,): the logits of the first answer token (float32, CPU).
+    ``stop_id``: the end-of-turn token that ended the answer (None when ``max_new_tokens`` cut it)."""
 
     question: str
     answer: str
@@ -41,6 +42,13 @@ class TurnResult:
     history_ids: list[int]
     first_logits: torch.Tensor
     stats: TurnStats
+    stop_id: int | None = None
+
+    @property
+    def target_ids(self) -> list[int]:
+        """The answer as a distillation target: its ids, then the end-of-turn token when the model stopped
+        (docs/design.md §5), so a student learns when to stop."""
+        return self.answer_ids + ([self.stop_id] if self.stop_id is not None else [])
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +247,8 @@ class BatchChatSession:
                 peak_memory_bytes=peak, prefill_tokens=int(new_mask[b].sum()),
                 prefill_flops=llama_prefill_flops(ad.text_config, 0, layer_lengths=lengths),
                 kv_cache_len=kv_len[b], visual_tokens=visual, new_tokens=len(out[b]))
-            results.append(TurnResult(questions[b], ad.decode(out[b]), out[b], hist, first_logits[b], stats))
+            results.append(TurnResult(questions[b], ad.decode(out[b]), out[b], hist, first_logits[b], stats,
+                                      self._stops[b]))
             self.pending[b] = list(hist)
             self.questions[b].append(questions[b])
         self.turn += 1
@@ -266,6 +275,7 @@ class BatchChatSession:
         batch = logits.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)
         out: list[list[int]] = [[] for _ in range(batch)]
+        self._stops: list[int | None] = [None] * batch
         for step in range(self.max_new_tokens):
             logits[:, ad.image_token_id] = float("-inf")  # the placeholder is never an answer
             tok = logits.argmax(-1)
@@ -273,6 +283,7 @@ class BatchChatSession:
                 if not finished[b]:
                     if int(tok[b]) in ad.stop_ids:
                         finished[b] = True
+                        self._stops[b] = int(tok[b])
                     else:
                         out[b].append(int(tok[b]))
             if bool(finished.all()) or step == self.max_new_tokens - 1:
@@ -320,15 +331,20 @@ class AnswerLogits:
 
 def dialogue_ids(adapter: LVLMAdapter, num_image_tokens: int, turns: list[str], answers: list,
                  vqa: bool = True) -> tuple[list[int], list[int], list[int]]:
-    """Token ids of S_1 a_1 ... S_T a_T (image placeholder expanded) -> (ids, answer positions, turn of each)."""
+    """Token ids of S_1 a_1 ... S_T a_T (image placeholder expanded) -> (ids, answer positions, turn of each).
+    An answer given as ids that ends with a stop id (``TurnResult.target_ids``) makes that end-of-turn token a target
+    too; when the next segment opens with the same token (the ``</s>`` separator of vicuna_v1 / mistral_instruct,
+    docs/design.md §5) it is that token, not a second one."""
     if len(turns) != len(answers):
         raise ValueError(f"{len(turns)} questions but {len(answers)} answers")
     segments = adapter.segment_ids(turns, vqa)
     segments[0] = expand_image(segments[0], adapter.image_token_id, num_image_tokens)
     ids, positions, turn_of = [], [], []
+    skip = None
     for t, (seg, ans) in enumerate(zip(segments, answers)):
-        ids += seg
+        ids += seg[1:] if skip is not None and seg[:1] == [skip] else seg
         a = adapter.answer_ids(ans)
+        skip = a[-1] if a and not isinstance(ans, str) and a[-1] in adapter.stop_ids else None
         positions += range(len(ids), len(ids) + len(a))
         turn_of += [t] * len(a)
         ids += a
@@ -338,7 +354,8 @@ def dialogue_ids(adapter: LVLMAdapter, num_image_tokens: int, turns: list[str], 
 def answer_logits_batch(adapter: LVLMAdapter, image_tokens: list[torch.Tensor], turns: list[list[str]],
                         answers: list[list], vqa: bool = True) -> list[AnswerLogits]:
     """Teacher-forced forward of B dialogues (left-padded) in one pass, differentiable w.r.t. image_tokens[b]
-    (m_b, d). answers[b][t]: a string or token ids (no stop token)."""
+    (m_b, d). answers[b][t]: a string or token ids; ids ending with a stop id (``TurnResult.target_ids``) make the
+    end-of-turn token a target as well (``dialogue_ids``)."""
     ad, lm = adapter, adapter.language_model
     built = [dialogue_ids(ad, x.shape[0], q, a, vqa) for x, q, a in zip(image_tokens, turns, answers)]
     pad_id = ad.tokenizer.pad_token_id if ad.tokenizer.pad_token_id is not None else 0

@@ -26,8 +26,34 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-vqa-suffix", action="store_true",
                    help="do not end questions with 'Answer the question using a single word or phrase.'")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--long-prompt", choices=["refuse", "cut"], default="refuse",
+                   help="a question that does not fit the model's context: refuse it (default) or cut it to fit, "
+                        "with a warning")
     p.set_defaults(func=run)
     return p
+
+
+PROMPT_OVERHEAD = 32  # chat-template tokens around a question (role markers, the VQA suffix), a safe bound
+
+
+def fit_question(tokenizer, question: str, context: int, used: int, max_new_tokens: int, lineno: int,
+                 mode: str) -> str:
+    """``question`` if it fits the model's context after the ``used`` positions and the answer; else refused
+    (ValueError naming the stdin line) or, with ``mode="cut"``, its first tokens that fit, with a warning
+    (docs/design.md §8)."""
+    if context <= 0:
+        return question
+    ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+    room = context - used - max_new_tokens - PROMPT_OVERHEAD
+    if len(ids) <= room:
+        return question
+    where = f"stdin line {lineno}: the question has {len(ids)} tokens, {max(room, 0)} fit"
+    detail = (f"(context {context} = {used} already used by the image and earlier turns + {max_new_tokens} for the "
+              f"answer + {PROMPT_OVERHEAD} for the template)")
+    if mode != "cut" or room < 1:
+        raise ValueError(f"{where} {detail}; shorten it, start a new chat, or pass --long-prompt cut")
+    print(f"warning: {where}; cut to its first {room} tokens {detail}", file=sys.stderr)
+    return tokenizer.decode(ids[:room])
 
 
 def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
@@ -61,13 +87,19 @@ def run(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     session = ChatSession(adapter, method, args.rate, max_new_tokens=args.max_new_tokens,
                           vqa=not args.no_vqa_suffix, fastv_k=args.fastv_k)
     session.set_image(image)
+    context = int(getattr(adapter.text_config, "max_position_embeddings", 0) or 0)
+    used = int(session.image_tokens.shape[0])  # positions taken so far: the image, then every turn's prompt + answer
     turn = 0
-    for line in stdin:
+    for lineno, line in enumerate(stdin, start=1):
         question = line.strip()
         if not question:
             continue
         turn += 1
+        question = fit_question(adapter.tokenizer, question, context, used, args.max_new_tokens, lineno,
+                                getattr(args, "long_prompt", "refuse"))
         result = session.ask(question)
+        # turn 1's prefill holds the image; later ones only the new turn's text
+        used = (used if turn > 1 else 0) + int(result.stats.prefill_tokens) + int(result.stats.new_tokens)
         print(f"Q{turn}: {question}", file=stdout)
         print(f"A{turn}: {result.answer}", file=stdout)
         print(f"    {result.stats.line()}", file=stdout, flush=True)

@@ -3,7 +3,7 @@
     metacompress data mt-shapes --out DIR --dialogues N --seed S [--image-size 96] [--aspect 1|W:H|random]
     metacompress data mt-vqa-v2 --questions F --annotations F --images DIR --out DIR
     metacompress data mt-gqa --questions F --images DIR --out DIR
-    metacompress data convbench --table ConvBench.xlsx --images DIR --out DIR
+    metacompress data convbench --table ConvBench.xlsx [--reference OLD_ConvBench.xlsx] --images DIR --out DIR
     metacompress data check FILE
 """
 
@@ -67,25 +67,94 @@ def _convbench(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.datasets import convbench
 
     _refuse_overwrite([Path(args.out) / "dialogues.jsonl"], args.overwrite)
-    return convbench.build(args.table, args.images, args.out, max_missing_fraction=args.max_missing_fraction)
+    return convbench.build(args.table, args.images, args.out, reference_file=args.reference,
+                           max_missing_fraction=args.max_missing_fraction)
 
 
-def _check(args: argparse.Namespace) -> dict[str, Any]:
+def image_problem(path: str) -> str | None:
+    """None when ``path`` is a readable image that decodes completely; else why not (docs/design.md §8)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes every pixel: a truncated file fails here, not in a stage
+    except FileNotFoundError:
+        return f"file not found: {path}"
+    except PermissionError:
+        return f"not readable (permission denied): {path}"
+    except UnidentifiedImageError:
+        return f"not an image file: {path}"
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or damaged data
+        return f"damaged image {path} ({e})"
+    except Image.DecompressionBombError as e:
+        return f"image too large {path} ({e})"
+    return None
+
+
+def check_file(file: str, decode_images: bool = True) -> dict[str, Any]:
+    """Every problem of a dialogue file, one per record: bad bytes, JSON, fields, duplicate ids, relative paths
+    leaving the folder, missing, unreadable, non-image or truncated image files. -> summary with ``errors``
+    ({file, line, dialogue_id, reason}) and ``warnings`` (absolute image paths outside the file's folder)."""
     from collections import Counter
 
-    from pipeline.dialogues import load_dialogues
+    from pipeline.dialogues import iter_dialogues
 
-    dialogues = load_dialogues(args.file, check_images=not args.skip_images)
-    return {"file": args.file, "dialogues": len(dialogues),
-            "turns": dict(sorted(Counter(len(d.turns) for d in dialogues).items())),
-            "sources": dict(Counter(d.source for d in dialogues))}
+    errors: list[dict] = []
+    warnings: list[str] = []
+    dialogues = []
+    folder = Path(file).resolve().parent
+    for d in iter_dialogues(file, check_images=False, on_error=lambda e: errors.append(e.to_json())):
+        dialogues.append(d)
+    good = []
+    for d in dialogues:
+        problem = image_problem(d.image) if decode_images else None
+        if problem:
+            errors.append({"file": file, "line": None, "dialogue_id": d.dialogue_id, "reason": f"field 'image': {problem}"})
+            continue
+        if not Path(d.image).resolve().is_relative_to(folder):
+            warnings.append(f"{d.dialogue_id}: image {d.image} is outside the file's folder {folder}")
+        good.append(d)
+    return {"file": file, "dialogues": len(good), "bad_records": len(errors),
+            "turns": dict(sorted(Counter(len(d.turns) for d in good).items())),
+            "sources": dict(Counter(d.source for d in good)),
+            "errors": errors[:100], "warnings": warnings[:20] + ([f"... {len(warnings) - 20} more"]
+                                                                if len(warnings) > 20 else [])}
+
+
+def _check(args: argparse.Namespace) -> int:
+    summary = check_file(args.file, decode_images=not args.skip_images)
+    print(json.dumps(summary, indent=1))
+    if summary["errors"]:
+        first = summary["errors"][0]
+        where = f"{first['file']}:{first['line']}" if first["line"] else f"{first['file']} ({first['dialogue_id']})"
+        raise ValueError(f"{args.file}: {summary['bad_records']} bad record(s) (listed above); first: {where}: "
+                         f"{first['reason']}")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value} (leave the flag out to keep every dialogue)")
+    return value
+
+
+def _one_or_more(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _common_builder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder for dialogues.jsonl")
-    p.add_argument("--turns", type=int, default=3, help="questions per dialogue (default 3)")
+    p.add_argument("--turns", type=_positive, default=3, help="questions per dialogue (default 3)")
     p.add_argument("--keep-partial", action="store_true", help="keep an image's last, shorter group of questions")
-    p.add_argument("--max-dialogues", type=int, default=None, help="stop after this many dialogues (a subset)")
+    p.add_argument("--max-dialogues", type=_positive, default=None,
+                   help="stop after this many dialogues (a subset; >= 1)")
     p.add_argument("--max-missing-fraction", type=float, default=0.05,
                    help="fail if more dialogues than this have no image file (default 0.05)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dialogues.jsonl")
@@ -98,13 +167,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     p = sub.add_parser("mt-shapes", help="generate MT-Shapes train/val/test splits")
     p.add_argument("--out", required=True)
-    p.add_argument("--dialogues", type=int, required=True,
+    p.add_argument("--dialogues", type=_one_or_more, required=True,
                    help="total dialogues over all splits (default split: 80/10/10 %%)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val", type=int, default=None, help="validation dialogues (default 10 %% of --dialogues)")
     p.add_argument("--test", type=int, default=None, help="test dialogues (default 10 %% of --dialogues)")
-    p.add_argument("--turns", type=int, default=3)
-    p.add_argument("--image-size", type=int, default=96, help="side of a square image in pixels (default 96)")
+    p.add_argument("--turns", type=_one_or_more, default=3)
+    p.add_argument("--image-size", type=_one_or_more, default=96, help="side of a square image in pixels (default 96)")
     p.add_argument("--aspect", default="1", help="width:height (e.g. 3:2 or 1.5), or 'random' (one per scene)")
     p.add_argument("--aspects", nargs="+", default=None,
                    help="choices for --aspect random (default 1:2 2:3 1:1 3:2 2:1)")
@@ -130,7 +199,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.set_defaults(func=_printed(_mt_gqa))
 
     p = sub.add_parser("convbench", help="ConvBench.xlsx (or .csv/.json/.jsonl export) + images -> dialogues")
-    p.add_argument("--table", required=True, help="ConvBench.xlsx")
+    p.add_argument("--table", required=True, help="ConvBench.xlsx (sheet multi_turn_benchmark)")
+    p.add_argument("--reference", default=None,
+                   help="the earlier ConvBench.xlsx whose 'reference' sheet gives captions and reference answers "
+                        "(default: the table's own reference sheet, if any)")
     p.add_argument("--images", required=True, help="the VisIT-Bench image folder (visit_bench_images)")
     p.add_argument("--out", required=True)
     p.add_argument("--max-missing-fraction", type=float, default=0.05)
@@ -139,6 +211,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a dialogues.jsonl file")
     p.add_argument("file")
-    p.add_argument("--skip-images", action="store_true", help="do not check that image files exist")
-    p.set_defaults(func=_printed(_check))
+    p.add_argument("--skip-images", action="store_true", help="do not open and decode the image files")
+    p.set_defaults(func=_check)
     return data

@@ -55,6 +55,27 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _share(text: str) -> float:
+    """A share in [0, 1] (docs/design.md §8: ranges are checked before any work)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (a share of the dialogues), got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("reference", help="build the reference LVLMs (small LLaVA / LLaVA-NeXT)")
     sub = p.add_subparsers(dest="reference_command", metavar="ACTION", required=True)
@@ -65,13 +86,13 @@ def register(subparsers) -> None:
     b.add_argument("--eval", help="dialogues.jsonl scored at the end (default with MT-Shapes: its test split)")
     b.add_argument("--eval-limit", type=int, default=None, help="score only the first N evaluation dialogues")
     b.add_argument("--eval-every", type=int, default=0, help="score 200 evaluation dialogues every N steps")
-    b.add_argument("--steps", type=int, default=2500, help="stage-2 (dialogue) training steps")
+    b.add_argument("--steps", type=_count, default=2500, help="stage-2 (dialogue) training steps")
     b.add_argument("--stage1-steps", type=int, default=1200, help="stage-1 (dense vision labels) steps")
-    b.add_argument("--batch", type=int, default=16)
+    b.add_argument("--batch", type=_count, default=16)
     b.add_argument("--lr", type=float, default=1e-3, help="stage-2 learning rate (see RecipeConfig.stage2_lr)")
     b.add_argument("--attention-weight", type=float, default=1.0,
                    help="weight of the attention supervision on MT-Shapes (where each answer should look); 0: off")
-    b.add_argument("--token-drop", type=float, default=0.0,
+    b.add_argument("--token-drop", type=_share, default=0.0,
                    help="share of MT-Shapes training dialogues whose visual tokens are thinned to a random 10-100 %% "
                         "(the ones their answers depend on always kept), so the model survives token reduction")
     b.add_argument("--text-layers", type=int, default=3)

@@ -56,11 +56,13 @@ def id_order(qid: Any) -> tuple[int, int | str]:
 
 
 def group_by_image(items: Iterable[tuple[Hashable, Any, T]], per_dialogue: int = 3,
-                   keep_partial: bool = False) -> list[tuple[Hashable, int, list[T]]]:
+                   keep_partial: bool = False,
+                   stats: dict[str, int] | None = None) -> list[tuple[Hashable, int, list[T]]]:
     """Group ``(image_key, question_id, payload)`` into dialogues.
 
     Each image's questions are sorted by question id and cut into consecutive groups of ``per_dialogue``. An image's
-    last, shorter group is dropped unless ``keep_partial``. Returns ``(image_key, chunk_index, payloads)``, sorted by
+    last, shorter group is dropped unless ``keep_partial``; ``stats`` (if given) receives ``questions`` (all of them)
+    and ``dropped_questions`` (those in dropped groups). Returns ``(image_key, chunk_index, payloads)``, sorted by
     the first question id of each group.
     """
     if per_dialogue < 1:
@@ -69,22 +71,47 @@ def group_by_image(items: Iterable[tuple[Hashable, Any, T]], per_dialogue: int =
     for image_key, qid, payload in items:
         by_image[image_key].append((qid, payload))
     groups = []
+    dropped = 0
     for image_key, qs in by_image.items():
         qs.sort(key=lambda q: id_order(q[0]))
         for k, start in enumerate(range(0, len(qs), per_dialogue)):
             chunk = qs[start:start + per_dialogue]
             if len(chunk) == per_dialogue or keep_partial:
                 groups.append((id_order(chunk[0][0]), image_key, k, [p for _, p in chunk]))
+            else:
+                dropped += len(chunk)
+    if stats is not None:
+        stats.update(questions=sum(len(qs) for qs in by_image.values()), dropped_questions=dropped)
     groups.sort(key=lambda g: g[0])
     return [(image_key, k, payloads) for _, image_key, k, payloads in groups]
 
 
+def check_limits(per_dialogue: int, max_dialogues: int | None) -> None:
+    """The builders' shared limits, with the flags to fix them: ``--turns`` >= 1, ``--max-dialogues`` >= 1 or
+    left out."""
+    if per_dialogue < 1:
+        raise ValueError(f"--turns must be >= 1 (questions per dialogue), got {per_dialogue}")
+    if max_dialogues is not None and max_dialogues < 1:
+        raise ValueError(f"--max-dialogues must be >= 1, got {max_dialogues}; leave it out to keep every dialogue")
+
+
 def dialogues_by_image(items: Iterable[tuple[Hashable, Any, Turn]], per_dialogue: int, keep_partial: bool,
                        max_dialogues: int | None, id_prefix: str, image_path: Callable[[Hashable], Path],
-                       source: str) -> list[Dialogue]:
-    """``group_by_image`` turned into dialogues ``<id_prefix>-<image>-<chunk>``, at most ``max_dialogues``."""
+                       source: str, stats: dict[str, int] | None = None) -> list[Dialogue]:
+    """``group_by_image`` turned into dialogues ``<id_prefix>-<image>-<chunk>``, at most ``max_dialogues``
+    (``stats`` as in :func:`group_by_image`). No complete group raises an error naming ``--keep-partial`` and
+    ``--turns``."""
+    check_limits(per_dialogue, max_dialogues)
+    counts: dict[str, int] = {}
+    groups = group_by_image(items, per_dialogue, keep_partial, counts)
+    if stats is not None:
+        stats.update(counts)
+    if not groups:
+        raise BenchmarkFileError(
+            f"no complete dialogue: {counts.get('questions', 0)} question(s), and no image has {per_dialogue}; pass "
+            f"--keep-partial to keep shorter dialogues, or a smaller --turns")
     dialogues = []
-    for image_id, k, turns in group_by_image(items, per_dialogue, keep_partial):
+    for image_id, k, turns in groups:
         dialogues.append(Dialogue(f"{id_prefix}-{image_id}-{k}", str(image_path(image_id)), tuple(turns), source,
                                   {"image_id": image_id}))
         if max_dialogues is not None and len(dialogues) >= max_dialogues:
@@ -93,13 +120,14 @@ def dialogues_by_image(items: Iterable[tuple[Hashable, Any, Turn]], per_dialogue
 
 
 def write_benchmark(out_dir: str | os.PathLike, dialogues: Sequence[Dialogue], *, image_flag: str,
-                    max_missing_fraction: float = 0.05) -> dict[str, int]:
+                    max_missing_fraction: float = 0.05) -> dict[str, Any]:
     """Write ``out_dir/dialogues.jsonl``. Dialogues whose image file is missing go to ``out_dir/_errors.jsonl``
-    instead. If more than ``max_missing_fraction`` of them are missing, nothing is written and the error points at
-    ``image_flag`` (the image folder is probably wrong)."""
+    instead, and their ids to the summary's ``missing``. If more than ``max_missing_fraction`` of them are missing,
+    nothing is written and the error points at ``image_flag`` (the image folder is probably wrong)."""
     out_dir = Path(out_dir)
     if not dialogues:
-        raise BenchmarkFileError("no dialogues to write: the input files produced no complete group of questions")
+        raise BenchmarkFileError("no dialogues to write: the input files produced no complete group of questions; "
+                                 "pass --keep-partial to keep shorter dialogues, or a smaller --turns")
     ok, missing = [], []
     for d in dialogues:
         (ok if Path(d.image).is_file() else missing).append(d)
@@ -116,4 +144,35 @@ def write_benchmark(out_dir: str | os.PathLike, dialogues: Sequence[Dialogue], *
                 f.write(json.dumps({"dialogue_id": d.dialogue_id, "reason": f"image file not found: {d.image}"}) + "\n")
     elif errors.exists():
         errors.unlink()  # a stale list from an earlier run would describe the wrong output
-    return {"dialogues": n, "missing_images": len(missing)}
+    return {"dialogues": n, "missing_images": len(missing), "missing": [d.dialogue_id for d in missing]}
+
+
+# ----------------------------------------------------------------------------------- generation per benchmark
+# How the model answers each benchmark (docs/design.md §3.5): short-answer VQA gets the adapter's "Answer the question
+# using a single word or phrase." and the evaluate.max_new_tokens cap; free-form ConvBench gets no instruction and
+# room for a paragraph. Keys: style ("short" | "free"), instruction (None: the style's own; "" none; else appended to
+# each question), max_new_tokens (None: evaluate.max_new_tokens), stop (strings that end the answer), metric (None:
+# by source, pipeline.metrics.SCORERS).
+GENERATION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "convbench": {"style": "free", "instruction": None, "max_new_tokens": 512, "stop": [], "metric": None},
+}
+SHORT_ANSWER = {"style": "short", "instruction": None, "max_new_tokens": None, "stop": [], "metric": None}
+
+
+def generation_for(source: str, overrides: Sequence[Any] = (), max_new_tokens: int = 16) -> dict[str, Any]:
+    """The answer settings of ``source``: its default, with the non-None fields of the override whose ``source``
+    matches (objects with the keys above as attributes, e.g. pipeline.config.GenerationSpec) applied on top."""
+    out = dict(GENERATION_DEFAULTS.get(source, SHORT_ANSWER))
+    for spec in overrides:
+        if spec.source == source:
+            out.update({k: getattr(spec, k) for k in out if getattr(spec, k, None) is not None})
+    if out["max_new_tokens"] is None:
+        out["max_new_tokens"] = max_new_tokens
+    out["stop"] = list(out["stop"])
+    return out
+
+
+def cut_at_stop(answer: str, stop: Sequence[str]) -> str:
+    """``answer`` up to the first occurrence of any ``stop`` string (stripped)."""
+    cut = min((i for i in (answer.find(s) for s in stop if s) if i >= 0), default=len(answer))
+    return answer[:cut].strip()

@@ -1,19 +1,25 @@
-"""ConvBench (shirlyliu64/ConvBench, arXiv 2403.20194): 577 native three-turn conversations, and the pairwise
-judge that scores them.
+"""ConvBench (shirlyliu64/ConvBench, arXiv 2403.20194): 577 native three-turn conversations about VisIT-Bench images,
+scored by a pairwise judge (:mod:`pipeline.judge`).
 
-Assumed schema: the columns of the official ``ConvBench.xlsx``, as read by the official ``ConvBenchEval/
-convbencheval.py``. ``ID``, ``image_id`` (a file name under the VisIT-Bench image folder),
-``The_first_turn_instruction``, ``The_second_turn_instruction``, ``The_third_turn_instruction``,
-``first_turn_answer``, ``second_turn_answer``, ``third_turn_answer`` (the human reference answers). Optional:
-``instruction-conditioned-caption``, ``First_turn_instruction_category`` (and Second/Third), ``third_turn_demands``.
-The same columns are accepted from a ``.csv``, a ``.json`` (a list of row objects) or a ``.jsonl`` export. Images
-are looked up at ``IMAGES/<image_id>`` and then at ``IMAGES/images/<image_id>``, the layout the official script
-uses.
+The official files (docs/design.md §3.5):
 
-Scoring: a judge compares two answers to the same question and says which is better. :func:`convbench_scores`
-compares the model's answer with the human reference for each turn. Which one is shown as "A" is drawn at random
-with a seed. It returns the per-turn win rates S1..S3 (in percent) and their mean. The official overall
-conversation judgement S0 is not reproduced.
+* ``ConvBench.xlsx`` at the repository's HEAD: one sheet, ``multi_turn_benchmark``, 578 rows with exactly the columns
+  ``ID``, ``image_id`` (a file name in ``visit_bench_images/``), ``The_first_turn_instruction``,
+  ``The_second_turn_instruction``, ``The_third_turn_instruction``. No published version has per-turn human answers.
+* The earlier version of the same file adds the column ``third_turn_demands`` (what the judge should check in the third
+  turn), a ``category`` sheet (the capability names per level) and a ``reference`` sheet, row-aligned with the main
+  one: ``instruction_category``, ``image_path``, ``instruction`` (the VisIT-Bench instruction), ``image_dense_caption``
+  (the text the judge sees in place of the image) and ``reference`` (a reference answer to that instruction). In 48
+  of its rows ``image_path`` is empty; those rows get no reference.
+
+:func:`build_dialogues` reads the main sheet (instructions only) and, when the workbook has one or ``reference_file``
+names one, the ``reference`` sheet, whose caption, reference answer and category go to the dialogue's ``meta``. Since
+there are no per-turn answers, each turn carries one empty reference answer (the dialogue format needs one); the
+judge scores the answers against the full-token model's (:func:`pipeline.judge.pairwise_scores`). Should a table have
+the answer columns ``first_turn_answer``, ``second_turn_answer``, ``third_turn_answer`` (the official scorer reads
+them), they become the turns' references. The same columns are accepted from ``.csv``, ``.json`` (a list of row
+objects) or ``.jsonl``. Images are looked up at ``IMAGES/<image_id>`` and then at ``IMAGES/images/<image_id>``;
+dialogues whose image is missing (row 131's is not in the official folder) are listed, not fatal.
 """
 
 from __future__ import annotations
@@ -21,25 +27,24 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 import re
-import urllib.error
-import urllib.request
 import xml.etree.ElementTree as ET
 import zipfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 from pipeline.datasets.common import BenchmarkFileError, write_benchmark
 from pipeline.dialogues import Dialogue, Turn
 
 SOURCE = "convbench"
 ORDINALS = ("first", "second", "third")
-QUESTION_COLUMNS = tuple(f"The_{o}_turn_instruction" for o in ORDINALS)
-ANSWER_COLUMNS = tuple(f"{o}_turn_answer" for o in ORDINALS)
-CATEGORY_COLUMNS = tuple(f"{o.capitalize()}_turn_instruction_category" for o in ORDINALS)
+TABLE_COLUMNS = ("ID", "image_id", *(f"The_{o}_turn_instruction" for o in ORDINALS))
+QUESTION_COLUMNS = TABLE_COLUMNS[2:]
+ANSWER_COLUMNS = tuple(f"{o}_turn_answer" for o in ORDINALS)  # in no published version; used when present
+MAIN_SHEET = "multi_turn_benchmark"
+REFERENCE_SHEET = "reference"
+REFERENCE_COLUMNS = ("instruction_category", "image_path", "instruction", "image_dense_caption", "reference")
 _XLSX_NS = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
 _REL_NS = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}"
 _PKG_REL_NS = "{http://schemas.openxmlformats.org/package/2006/relationships}"
@@ -56,11 +61,26 @@ def _column_index(ref: str) -> int:
     return index - 1
 
 
-def _first_sheet(z: zipfile.ZipFile) -> str:
-    workbook = ET.fromstring(z.read("xl/workbook.xml"))
-    sheet = next(workbook.iter(f"{_XLSX_NS}sheet"), None)
-    if sheet is None:
+def _sheets(z: zipfile.ZipFile) -> list[Any]:
+    return list(ET.fromstring(z.read("xl/workbook.xml")).iter(f"{_XLSX_NS}sheet"))
+
+
+def sheet_names(path: str | os.PathLike) -> list[str]:
+    """The sheet names of an .xlsx workbook, in order."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return [s.get("name", "") for s in _sheets(z)]
+    except (zipfile.BadZipFile, KeyError, ET.ParseError) as e:
+        raise BenchmarkFileError(f"{path}: not a readable .xlsx workbook ({e})") from None
+
+
+def _sheet_part(z: zipfile.ZipFile, name: str | None) -> str:
+    sheets = _sheets(z)
+    if not sheets:
         raise ValueError("the workbook has no sheet")
+    sheet = sheets[0] if name is None else next((s for s in sheets if s.get("name") == name), None)
+    if sheet is None:
+        raise KeyError(f"no sheet named {name!r} (sheets: {', '.join(s.get('name', '') for s in sheets)})")
     rel_id = sheet.get(f"{_REL_NS}id")
     rels = ET.fromstring(z.read("xl/_rels/workbook.xml.rels"))
     for rel in rels.iter(f"{_PKG_REL_NS}Relationship"):
@@ -70,20 +90,21 @@ def _first_sheet(z: zipfile.ZipFile) -> str:
     raise ValueError(f"sheet relation {rel_id!r} not found in xl/_rels/workbook.xml.rels")
 
 
-def read_xlsx(path: str | os.PathLike) -> list[dict[str, str]]:
-    """The first sheet of an .xlsx file as a list of {header: cell text}. Only the standard library is used:
-    shared strings, inline strings, numbers and booleans are read. Formulas give their cached value."""
+def read_xlsx(path: str | os.PathLike, sheet: str | None = None) -> list[dict[str, str]]:
+    """One sheet (by name; None: the first) of an .xlsx file as a list of {header: cell text}. Only the standard
+    library is used: shared strings, inline strings, numbers and booleans are read. Formulas give their cached
+    value."""
     try:
         with zipfile.ZipFile(path) as z:
             shared = []
             if "xl/sharedStrings.xml" in z.namelist():
                 for si in ET.fromstring(z.read("xl/sharedStrings.xml")).iter(f"{_XLSX_NS}si"):
                     shared.append("".join(t.text or "" for t in si.iter(f"{_XLSX_NS}t")))
-            sheet = ET.fromstring(z.read(_first_sheet(z)))
+            sheet_xml = ET.fromstring(z.read(_sheet_part(z, sheet)))
     except (zipfile.BadZipFile, KeyError, ET.ParseError, ValueError) as e:
         raise BenchmarkFileError(f"{path}: not a readable .xlsx workbook ({e})") from None
     rows: list[dict[int, str]] = []
-    for row in sheet.iter(f"{_XLSX_NS}row"):
+    for row in sheet_xml.iter(f"{_XLSX_NS}row"):
         cells: dict[int, str] = {}
         col = -1
         for c in row.iter(f"{_XLSX_NS}c"):
@@ -109,14 +130,15 @@ def read_xlsx(path: str | os.PathLike) -> list[dict[str, str]]:
     return [{name: r.get(i, "") for i, name in header.items()} for r in rows[1:] if any(v.strip() for v in r.values())]
 
 
-def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of the ConvBench table from .xlsx, .csv, .json (list of objects) or .jsonl."""
+def read_table(path: str | os.PathLike, sheet: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a ConvBench table from .xlsx (``sheet``: its name; None: the first), .csv, .json (list of objects) or
+    .jsonl."""
     path = Path(path)
     if not path.is_file():
         raise BenchmarkFileError(f"{path}: file not found (expected ConvBench.xlsx or a .csv/.json/.jsonl export)")
     suffix = path.suffix.lower()
     if suffix == ".xlsx":
-        return read_xlsx(path)
+        return read_xlsx(path, sheet)
     if suffix == ".csv":
         with open(path, encoding="utf-8-sig", newline="") as f:
             return list(csv.DictReader(f))
@@ -139,192 +161,100 @@ def _cell(row: Mapping[str, Any], key: str) -> str:
     return str(value).strip()
 
 
-def build_dialogues(table_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[Dialogue]:
-    """One three-turn dialogue per row. A row with an empty question or reference answer raises an error that names
-    the row and the column."""
-    rows = read_table(table_file)
+def _references(table_file: Path, reference_file: str | os.PathLike | None) -> tuple[list[dict] | None, str]:
+    """The ``reference`` sheet's rows (from the table's workbook, else from ``reference_file``) and where they came
+    from; (None, "") when there is none."""
+    source: Path | None = None
+    if reference_file is not None:
+        source = Path(reference_file)
+    elif table_file.suffix.lower() == ".xlsx" and REFERENCE_SHEET in sheet_names(table_file):
+        source = table_file
+    if source is None:
+        return None, ""
+    if not source.is_file():
+        raise BenchmarkFileError(f"{source}: file not found (expected the earlier ConvBench.xlsx with a "
+                                 f"'{REFERENCE_SHEET}' sheet, or that sheet as .csv/.json/.jsonl)")
+    if source.suffix.lower() == ".xlsx" and REFERENCE_SHEET not in sheet_names(source):
+        raise BenchmarkFileError(f"{source}: no sheet named '{REFERENCE_SHEET}' (sheets: "
+                                 f"{', '.join(sheet_names(source))}); the earlier ConvBench.xlsx has one")
+    rows = read_table(source, REFERENCE_SHEET if source.suffix.lower() == ".xlsx" else None)
+    absent = [c for c in REFERENCE_COLUMNS if rows and c not in rows[0]]
+    if absent or not rows:
+        raise BenchmarkFileError(f"{source}: sheet '{REFERENCE_SHEET}' lacks column(s) "
+                                 f"{', '.join(absent) or '(no rows)'}; expected the official columns "
+                                 f"{', '.join(REFERENCE_COLUMNS)}")
+    return rows, f"{source}: sheet '{REFERENCE_SHEET}'"
+
+
+def build_dialogues(table_file: str | os.PathLike, images_dir: str | os.PathLike, *,
+                    reference_file: str | os.PathLike | None = None,
+                    stats: dict[str, Any] | None = None) -> list[Dialogue]:
+    """One three-turn dialogue per row of the main sheet. A missing column or an empty instruction raises an error
+    that names the file, the row and the column. ``stats`` (if given) receives ``with_reference`` (rows that got a
+    reference-sheet row) and ``reference_rows_empty``."""
+    table_file = Path(table_file)
+    rows = read_table(table_file, MAIN_SHEET if table_file.suffix.lower() == ".xlsx"
+                      and MAIN_SHEET in sheet_names(table_file) else None)
     if not rows:
         raise BenchmarkFileError(f"{table_file}: no rows")
-    required = ("image_id", *QUESTION_COLUMNS, *ANSWER_COLUMNS)
-    absent = [c for c in required if c not in rows[0]]
+    absent = [c for c in TABLE_COLUMNS if c not in rows[0]]
     if absent:
         raise BenchmarkFileError(f"{table_file}: missing column(s) {', '.join(absent)}; expected the columns of the "
-                                 f"official ConvBench.xlsx ({', '.join(required)})")
+                                 f"official ConvBench.xlsx ({', '.join(TABLE_COLUMNS)})")
+    with_answers = all(c in rows[0] for c in ANSWER_COLUMNS)
+    references, ref_where = _references(table_file, reference_file)
+    if references is not None and len(references) != len(rows):
+        raise BenchmarkFileError(f"{ref_where} has {len(references)} rows but {table_file} has {len(rows)}; the two "
+                                 "sheets are row-aligned, so use the reference sheet of the same ConvBench version")
     images_dir = Path(images_dir).resolve()
-    dialogues = []
+    dialogues, with_reference, empty_references = [], 0, 0
     for i, row in enumerate(rows):
         where = f"{table_file}: row {i + 2}"  # row 1 is the header, as a spreadsheet numbers it
-        for column in required:
+        for column in ("image_id", *QUESTION_COLUMNS, *(ANSWER_COLUMNS if with_answers else ())):
             if not _cell(row, column):
                 raise BenchmarkFileError(f"{where}: column '{column}' is empty")
         rid = _cell(row, "ID") or str(i + 1)
-        image = images_dir / _cell(row, "image_id")
-        if not image.is_file() and (images_dir / "images" / _cell(row, "image_id")).is_file():
-            image = images_dir / "images" / _cell(row, "image_id")
-        turns = tuple(
-            Turn(_cell(row, q), (_cell(row, a),), {"category": _cell(row, c)} if _cell(row, c) else {})
-            for q, a, c in zip(QUESTION_COLUMNS, ANSWER_COLUMNS, CATEGORY_COLUMNS))
-        meta = {"id": rid, "row": i + 1, "caption": _cell(row, "instruction-conditioned-caption"),
-                "third_turn_demands": _cell(row, "third_turn_demands")}
+        image_id = _cell(row, "image_id")
+        image = images_dir / image_id
+        if not image.is_file() and (images_dir / "images" / image_id).is_file():
+            image = images_dir / "images" / image_id
+        answers = [(_cell(row, a),) if with_answers else ("",) for a in ANSWER_COLUMNS]
+        turns = tuple(Turn(_cell(row, q), a) for q, a in zip(QUESTION_COLUMNS, answers))
+        meta: dict[str, Any] = {"id": rid, "row": i + 1, "image_id": image_id,
+                                "human_answers": with_answers}
+        if _cell(row, "third_turn_demands"):
+            meta["third_turn_demands"] = _cell(row, "third_turn_demands")
+        if _cell(row, "instruction-conditioned-caption"):
+            meta["caption"] = _cell(row, "instruction-conditioned-caption")
+        if references is not None:
+            ref = references[i]
+            if not _cell(ref, "image_path"):
+                empty_references += 1
+            elif _cell(ref, "image_path") != image_id:
+                raise BenchmarkFileError(f"{ref_where}, row {i + 2}: image_path {_cell(ref, 'image_path')!r} but "
+                                         f"{table_file} row {i + 2} has image_id {image_id!r}; the sheets must be "
+                                         "row-aligned (use the reference sheet of the same ConvBench version)")
+            else:
+                with_reference += 1
+                meta.update(caption=meta.get("caption") or _cell(ref, "image_dense_caption"),
+                            reference=_cell(ref, "reference"), visit_instruction=_cell(ref, "instruction"),
+                            category=_cell(ref, "instruction_category"))
         dialogues.append(Dialogue(f"convbench-{rid}", str(image), turns, SOURCE, meta))
     ids = [d.dialogue_id for d in dialogues]
     if len(set(ids)) != len(ids):
         dup = next(x for x in ids if ids.count(x) > 1)
         raise BenchmarkFileError(f"{table_file}: column 'ID' repeats ({dup}); ids must be unique")
+    if stats is not None:
+        stats.update(with_reference=with_reference, reference_rows_empty=empty_references)
     return dialogues
 
 
 def build(table_file: str | os.PathLike, images_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-          max_missing_fraction: float = 0.05) -> dict[str, int]:
-    """Write ``out_dir/dialogues.jsonl`` (and ``_errors.jsonl`` for dialogues whose image is missing)."""
-    return write_benchmark(out_dir, build_dialogues(table_file, images_dir), image_flag=f"--images {images_dir}",
-                           max_missing_fraction=max_missing_fraction)
-
-
-# ----------------------------------------------------------------------------------------------------- the judge
-@dataclass(frozen=True)
-class Verdict:
-    winner: Literal["A", "B"] | None  # None: a tie, or the judgement could not be parsed
-    text: str
-
-
-class Judge(Protocol):
-    def compare(self, question: str, answer_a: str, answer_b: str, *, context: str = "") -> Verdict:
-        """Which of two answers to ``question`` is better. ``context`` describes the image for a text-only judge."""
-        ...
-
-
-JUDGE_SYSTEM = ("You are an impartial judge of answers to questions about an image. You cannot see the image; rely on "
-                "the image description. Prefer the response that is correct, follows the instruction and is helpful. "
-                "Do not let the order or the length of the responses influence you.")
-
-
-def judge_messages(question: str, answer_a: str, answer_b: str, context: str = "") -> list[dict[str, str]]:
-    """Chat messages asking for a pairwise judgement that ends with "Overall, Response X is better."."""
-    user = (f"Image description: {context or '(none)'}\n\nQuestion: {question}\n\n"
-            f"[Response A]\n{answer_a}\n[End of Response A]\n\n[Response B]\n{answer_b}\n[End of Response B]\n\n"
-            "Compare the two responses step by step, then finish with exactly one line: "
-            "\"Overall, Response A is better.\" or \"Overall, Response B is better.\"")
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-
-
-def plain_prompt(question: str, answer_a: str, answer_b: str, context: str = "") -> str:
-    """The judge messages as one text, for models without a chat template."""
-    messages = judge_messages(question, answer_a, answer_b, context)
-    return "\n\n".join(m["content"] for m in messages) + "\n\nJudgement:"
-
-
-_VERDICT = re.compile(r"response\s+([ab])\s+is\s+better")
-
-
-def parse_verdict(text: str) -> Literal["A", "B"] | None:
-    """The winner named by a judgement: the last "Overall, Response X is better" if present, else the only
-    "Response X is better". Otherwise ``None``."""
-    lowered = text.lower()
-    overall = re.findall(r"overall\W+" + _VERDICT.pattern, lowered)
-    if overall:
-        return overall[-1].upper()  # type: ignore[return-value]
-    named = set(_VERDICT.findall(lowered))
-    return named.pop().upper() if len(named) == 1 else None  # type: ignore[return-value]
-
-
-class OpenAICompatibleJudge:
-    """A judge behind an OpenAI-compatible ``/chat/completions`` endpoint (vLLM, llama.cpp server, OpenAI, ...).
-
-    ``url`` is the API base (``http://host:8000/v1``) or the full ``.../chat/completions`` address. The key comes from
-    ``api_key`` or the ``OPENAI_API_KEY`` environment variable. It is optional for local servers."""
-
-    def __init__(self, url: str, model: str, *, api_key: str | None = None, max_tokens: int = 512,
-                 timeout: float = 120.0):
-        self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
-        self.model, self.max_tokens, self.timeout = model, max_tokens, timeout
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-
-    def complete(self, messages: list[dict[str, str]]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                           "temperature": 0.0}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read().decode())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:300]
-            raise RuntimeError(f"judge endpoint {self.url} answered HTTP {e.code}: {detail}") from None
-        except urllib.error.URLError as e:
-            raise RuntimeError(f"judge endpoint {self.url} unreachable ({e.reason}); check the --judge-url") from None
-        except json.JSONDecodeError:
-            raise RuntimeError(f"judge endpoint {self.url} did not return JSON") from None
-        try:
-            return str(payload["choices"][0]["message"]["content"])
-        except (KeyError, IndexError, TypeError):
-            raise RuntimeError(f"judge endpoint {self.url} returned no choices[0].message.content: "
-                               f"{json.dumps(payload)[:300]}") from None
-
-    def compare(self, question: str, answer_a: str, answer_b: str, *, context: str = "") -> Verdict:
-        text = self.complete(judge_messages(question, answer_a, answer_b, context))
-        return Verdict(parse_verdict(text), text)
-
-
-class LocalCausalLMJudge:
-    """A judge run locally from a transformers causal-LM directory (safetensors, no remote code), greedy decoding.
-    Uses the tokenizer's chat template when it has one; otherwise a plain-text prompt (:meth:`prompt`)."""
-
-    def __init__(self, model_dir: str | os.PathLike, *, max_new_tokens: int = 256, device: str = "cpu"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if not Path(model_dir).is_dir():
-            raise FileNotFoundError(f"judge model directory not found: {model_dir}")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False).to(device).eval()
-        self.max_new_tokens, self.device = max_new_tokens, device
-
-    def prompt(self, question: str, answer_a: str, answer_b: str, context: str = "") -> str:
-        messages = judge_messages(question, answer_a, answer_b, context)
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return plain_prompt(question, answer_a, answer_b, context)
-
-    def compare(self, question: str, answer_a: str, answer_b: str, *, context: str = "") -> Verdict:
-        import torch
-
-        encoded = self.tokenizer(self.prompt(question, answer_a, answer_b, context), return_tensors="pt")
-        encoded = {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with torch.no_grad():
-            out = self.model.generate(**encoded, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=pad)
-        text = self.tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-        return Verdict(parse_verdict(text), text)
-
-
-def convbench_scores(judge: Judge, dialogues: Sequence[Dialogue], predictions: Mapping[str, Sequence[str]],
-                     *, seed: int = 0) -> dict[str, float]:
-    """Win rates of the model's answers against the human references, per turn, in percent.
-
-    ``predictions[dialogue_id][t]`` is the model's answer to turn t. Each comparison shows the model's answer as A or
-    B at random (seeded per dialogue), like the official ``pairwise.npy``. A tie or an unparsed judgement counts as
-    a loss, as in the official scorer. Returns ``{"S1", "S2", "S3", "Avg"}``.
-    """
-    if not dialogues:
-        raise ValueError("convbench_scores needs at least one dialogue")
-    turns = max(len(d.turns) for d in dialogues)
-    wins, counts = [0] * turns, [0] * turns
-    for d in dialogues:
-        if d.dialogue_id not in predictions:
-            raise KeyError(f"no predictions for dialogue {d.dialogue_id!r}")
-        answers = predictions[d.dialogue_id]
-        if len(answers) != len(d.turns):
-            raise ValueError(f"dialogue {d.dialogue_id!r} has {len(d.turns)} turns but {len(answers)} predictions")
-        model_first = random.Random(f"{seed}:{d.dialogue_id}").random() < 0.5
-        context = d.meta.get("caption", "") if d.meta else ""
-        for t, (turn, answer) in enumerate(zip(d.turns, answers)):
-            a, b = (answer, turn.answers[0]) if model_first else (turn.answers[0], answer)
-            verdict = judge.compare(turn.question, a, b, context=context)
-            wins[t] += verdict.winner == ("A" if model_first else "B")
-            counts[t] += 1
-    scores = {f"S{t + 1}": 100.0 * wins[t] / counts[t] for t in range(turns)}
-    scores["Avg"] = sum(scores.values()) / turns
-    return scores
+          reference_file: str | os.PathLike | None = None, max_missing_fraction: float = 0.05) -> dict[str, Any]:
+    """Write ``out_dir/dialogues.jsonl`` (and ``_errors.jsonl`` listing the dialogues whose image is missing).
+    Returns the counts, with the missing dialogues' ids."""
+    stats: dict[str, Any] = {}
+    dialogues = build_dialogues(table_file, images_dir, reference_file=reference_file, stats=stats)
+    summary = write_benchmark(out_dir, dialogues, image_flag=f"--images {images_dir}",
+                              max_missing_fraction=max_missing_fraction)
+    return {**summary, **stats}

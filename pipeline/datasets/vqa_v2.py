@@ -24,7 +24,7 @@ SOURCE = "vqa_v2"
 
 def build_dialogues(questions_file: str | os.PathLike, annotations_file: str | os.PathLike,
                     images_dir: str | os.PathLike, *, per_dialogue: int = 3, keep_partial: bool = False,
-                    max_dialogues: int | None = None) -> list[Dialogue]:
+                    max_dialogues: int | None = None, stats: dict | None = None) -> list[Dialogue]:
     """Dialogues from the official files. Image paths are absolute. Existence of images is not checked here."""
     qdoc = load_json(questions_file, "the VQA-v2 questions file (v2_OpenEnded_mscoco_val2014_questions.json)")
     adoc = load_json(annotations_file, "the VQA-v2 annotations file (v2_mscoco_val2014_annotations.json)")
@@ -60,14 +60,18 @@ def build_dialogues(questions_file: str | os.PathLike, annotations_file: str | o
         items.append((image_id, qid, Turn(text, tuple(answers), meta)))
 
     return dialogues_by_image(items, per_dialogue, keep_partial, max_dialogues, "vqa2",
-                              lambda image_id: images_dir / f"COCO_{subtype}_{image_id:012d}.jpg", SOURCE)
+                              lambda image_id: images_dir / f"COCO_{subtype}_{image_id:012d}.jpg", SOURCE, stats)
 
 
 def build(questions_file: str | os.PathLike, annotations_file: str | os.PathLike, images_dir: str | os.PathLike,
           out_dir: str | os.PathLike, *, per_dialogue: int = 3, keep_partial: bool = False,
-          max_dialogues: int | None = None, max_missing_fraction: float = 0.05) -> dict[str, int]:
-    """Write ``out_dir/dialogues.jsonl`` (and ``_errors.jsonl`` for dialogues whose image is missing)."""
+          max_dialogues: int | None = None, max_missing_fraction: float = 0.05) -> dict:
+    """Write ``out_dir/dialogues.jsonl`` (and ``_errors.jsonl`` for dialogues whose image is missing). The summary
+    counts the dialogues, the missing images and the questions dropped (an image's leftover questions, fewer than a
+    dialogue, unless ``keep_partial``)."""
+    stats: dict = {}
     dialogues = build_dialogues(questions_file, annotations_file, images_dir, per_dialogue=per_dialogue,
-                                keep_partial=keep_partial, max_dialogues=max_dialogues)
-    return write_benchmark(out_dir, dialogues, image_flag=f"--images {images_dir}",
-                           max_missing_fraction=max_missing_fraction)
+                                keep_partial=keep_partial, max_dialogues=max_dialogues, stats=stats)
+    summary = write_benchmark(out_dir, dialogues, image_flag=f"--images {images_dir}",
+                              max_missing_fraction=max_missing_fraction)
+    return {**summary, **stats}

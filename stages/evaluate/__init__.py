@@ -9,9 +9,11 @@ Adding a method or a rate, or retraining one compressor, computes only the new o
 untouched. ``full`` (the Base row) always runs, once, without a rate.
 
 Shard ``i`` holds dialogues ``[i * N, (i + 1) * N)`` of the split; per dialogue: ``dialogue_id``, ``source``,
-``questions``, ``references`` (per turn the reference answers), ``answers`` (the model's), ``scores`` (per turn in
-[0, 1]: VQA soft accuracy for VQA-v2 sources, exact match after normalisation otherwise) and per turn the figures
-of ``compress.lvlm.efficiency.TurnStats``. Teacher agreement is computed at aggregation against the teacher stage's
+``questions``, ``references`` (per turn the reference answers), ``answers`` (the model's, generated with the source's
+settings, docs/design.md §3.5), ``scores`` (per turn in [0, 1]: VQA soft accuracy for VQA-v2 sources, exact match
+after normalisation otherwise; 0 for judged ConvBench dialogues, whose scores the driver computes with the judge
+against the full-token answers) and per turn the figures of ``compress.lvlm.efficiency.TurnStats``. A stochastic
+method has one output per entry of ``evaluate.seeds`` when there are several; its summary is their mean and spread. Teacher agreement is computed at aggregation against the teacher stage's
 answers of this split when they were made under the same protocol, else against the ``full`` method's answers.
 """
 

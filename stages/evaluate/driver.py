@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 
 from pipeline.config import PipelineConfig
 from pipeline.hashing import config_hash
-from pipeline.metrics import JUDGED_SOURCES
 from pipeline.reports import results_markdown
 from pipeline.shards import StageOutput
 from stages.common import StageFailed, StageReport, load_split, model_actor, shard_ranges
+from stages.evaluate.judging import check_judged, judge_rows
 from stages.evaluate.planning import Job, plan
 from stages.evaluate.promotion import track
 from stages.evaluate.report_files import matrix_items, write_report_files
-from stages.evaluate.summary import full_token_answers, per_turn_efficiency, read_rows, summarise
+from stages.evaluate.summary import full_token_answers, merge_seeds, per_turn_efficiency, read_rows, summarise
 from stages.evaluate.worker import EvalWorker
 from stages.outputs import EVALUATE as STAGE
 from stages.outputs import eval_feature_hash, eval_uri, extract_args, reports_dir
@@ -46,7 +46,12 @@ def _compute(config: PipelineConfig, jobs: list[Job], outs: dict[str, StageOutpu
     if not todo:
         return 0, 0, []
     ev = config.evaluate
-    options = {"max_new_tokens": ev.max_new_tokens, "history": ev.history, "batch_size": ev.batch_size}
+    from pipeline.datasets.common import generation_for
+
+    sources = {d["source"] for d in records}
+    generation = {src: generation_for(src, ev.generation, ev.max_new_tokens) for src in sources}
+    options = {"max_new_tokens": ev.max_new_tokens, "history": ev.history, "batch_size": ev.batch_size,
+               "generation": generation}
     feature_args = None
     if ev.cached_features:
         feature_args = {**extract_args(config, split), "config_hash": eval_feature_hash(config, split)}
@@ -59,7 +64,7 @@ def _compute(config: PipelineConfig, jobs: list[Job], outs: dict[str, StageOutpu
     def submit(actor, item):
         job, i = item
         payload = {"key": job.key, "method": job.method, "rate": job.rate, "compressor": job.compressor,
-                   "out_args": job.out_args}
+                   "out_args": job.out_args, "seed": job.run_seed}
         return actor.run_shard.remote(payload, i, slim[ranges[i][0]:ranges[i][1]])
 
     done = 0
@@ -82,11 +87,7 @@ def run(config: PipelineConfig, split: str = "test", progress: bool = True) -> E
     records, bad = load_split(config, split, config.data.max_eval_dialogues)
     if not records:
         raise StageFailed(f"evaluate: {getattr(config.data, split)} has no valid dialogue to evaluate")
-    judged = sorted({d["source"] for d in records} & JUDGED_SOURCES)
-    if judged:
-        raise ValueError(f"{getattr(config.data, split)}: {judged[0]} dialogues are scored by a judge model "
-                         "(pipeline.datasets.convbench), not by answer matching; evaluate them with that judge and "
-                         "point data." + split + " at VQA-v2, GQA, MT-Shapes or exact-answer dialogues")
+    check_judged(config, split, records)  # free-form dialogues need a judge (docs/design.md §3.5)
     if not ray.is_initialized():
         init_ray(config)
     jobs, skipped = plan(config, split)
@@ -113,9 +114,17 @@ def run(config: PipelineConfig, split: str = "test", progress: bool = True) -> E
         out.finish(len(ranges))
 
     rows = {job.key: read_rows(outs[job.key], len(ranges)) for job in jobs}
+    judged = judge_rows(config, split, jobs, rows)  # judged dialogues' scores: per turn against the full model
     reference, ref_source = full_token_answers(config, split, rows["full"])
     summaries = [summarise(job.method, job.rate, rows[job.key], reference) for job in jobs]
-    per_turn = [e for job in jobs for e in per_turn_efficiency(job.method, job.rate, rows[job.key])]
+    for job, summary in zip(jobs, summaries):
+        if judged.get(job.key):  # ConvBench's names: S1..S_T per turn, S0 the whole conversation
+            summary.update({f"S{k[4:]}": v for k, v in summary.items() if k.startswith("Acc_")}, **judged[job.key])
+    summaries = merge_seeds(jobs, summaries)
+    first = {}
+    for job in jobs:  # efficiency per turn: a stochastic method's first seed stands for all
+        first.setdefault(job.base_key, job)
+    per_turn = [e for job in first.values() for e in per_turn_efficiency(job.method, job.rate, rows[job.key])]
     target = reports_dir(config, split)
     render_key = config_hash({"outputs": [j.out_args["config_hash"] for j in jobs], "summaries": summaries,
                               "matrix_images": config.evaluate.matrix_images, "reference": ref_source})

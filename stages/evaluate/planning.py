@@ -9,7 +9,8 @@ from pipeline.config import PipelineConfig
 from pipeline.hashing import file_sha256
 from stages.common import model_identity
 from stages.outputs import EVALUATE as STAGE
-from stages.outputs import compressor_dir, eval_feature_hash, eval_input_hash, eval_uri, policy_dir
+from stages.outputs import (compressor_dir, eval_feature_hash, eval_input_hash, eval_uri, policy_dir, rate_dir,
+                            tprl_dir, verified_trained_dir)
 
 log = logging.getLogger("metacompress")
 
@@ -25,17 +26,28 @@ class Job:
     rate: float | None
     compressor: str | None
     out_args: dict = field(default_factory=dict)
+    seed: int | None = None  # a stochastic method's seed when evaluate.seeds has several (one job per seed)
+    run_seed: int = 0  # the seed the worker uses (stochastic methods)
+
+    @property
+    def base_key(self) -> str:
+        return self.method if self.rate is None else f"{self.method}@{self.rate:g}"
 
     @property
     def key(self) -> str:
-        return self.method if self.rate is None else f"{self.method}@{self.rate:g}"
+        return self.base_key if self.seed is None else f"{self.base_key}/seed{self.seed}"
 
 
 def protocol(config: PipelineConfig) -> dict:
     """What every evaluation number depends on besides the method, rate and compressor."""
     ev = config.evaluate
+    from dataclasses import asdict
+
+    from pipeline.datasets.common import GENERATION_DEFAULTS
+
     return {"model": model_identity(config.model.path), "dtype": config.model.dtype, "history": ev.history,
-            "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size, "format": config.shards.format}
+            "max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size, "format": config.shards.format,
+            "generation": [asdict(g) for g in ev.generation], "generation_defaults": GENERATION_DEFAULTS}
 
 
 def plan(config: PipelineConfig, split: str) -> tuple[list[Job], list[str]]:
@@ -44,7 +56,7 @@ def plan(config: PipelineConfig, split: str) -> tuple[list[Job], list[str]]:
     ones."""
     from pathlib import Path
 
-    from compress.lvlm.methods import available_methods
+    from compress.lvlm.methods import STOCHASTIC_METHODS, available_methods
     from pipeline.hashing import config_hash
 
     known = available_methods()
@@ -66,6 +78,7 @@ def plan(config: PipelineConfig, split: str) -> tuple[list[Job], list[str]]:
                     skipped.append(f"tprl@{rate:g}: no trained policy at {compressor} (enable tprl and run the tprl "
                                    "stage)")
                     continue
+                verified_trained_dir(f"{tprl_dir(config)}/_SUCCESS", compressor, "tprl")  # docs/design.md §8
                 weights = file_sha256(f"{compressor}/{POLICY_WEIGHTS}")
             if method == "metacompress":
                 compressor = compressor_dir(config, rate)
@@ -73,12 +86,18 @@ def plan(config: PipelineConfig, split: str) -> tuple[list[Job], list[str]]:
                     skipped.append(f"metacompress@{rate:g}: no trained compressor at {compressor} (add {rate} to "
                                    "train.rates and run the train stage)")
                     continue
+                verified_trained_dir(f"{rate_dir(config, rate)}/_SUCCESS", compressor, "train")  # docs/design.md §8
                 weights = file_sha256(f"{compressor}/{COMPRESSOR_WEIGHTS}")
-            digest = config_hash({**base, "method": method, "rate": rate, "compressor": weights,
-                                  "features": base["features"] if known[method].kind != "vision" else None})
-            uri = f"{eval_uri(config, split)}/{method}" + ("" if rate is None else f"/rate-{rate:g}")
-            jobs.append(Job(method, rate, compressor, dict(uri=f"{uri}/{digest[:12]}", stage=STAGE, config_hash=digest,
-                                                           input_hash=data_hash, fmt=config.shards.format)))
+            seeds = config.evaluate.seeds if method in STOCHASTIC_METHODS else [None]
+            for seed in seeds:  # a stochastic method: one output per seed (docs/design.md §5)
+                extra = {} if seed is None else {"seed": seed, "seeding": "per-image"}
+                digest = config_hash({**base, "method": method, "rate": rate, "compressor": weights, **extra,
+                                      "features": base["features"] if known[method].kind != "vision" else None})
+                uri = f"{eval_uri(config, split)}/{method}" + ("" if rate is None else f"/rate-{rate:g}")
+                jobs.append(Job(method, rate, compressor,
+                                dict(uri=f"{uri}/{digest[:12]}", stage=STAGE, config_hash=digest,
+                                     input_hash=data_hash, fmt=config.shards.format),
+                                seed=seed if len(seeds) > 1 else None, run_seed=seed or 0))
     for reason in skipped:
         log.warning("evaluate: skipped %s", reason)
     return jobs, skipped

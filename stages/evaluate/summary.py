@@ -73,3 +73,32 @@ def per_turn_efficiency(method: str, rate: float | None, rows: list[dict]) -> li
                     "kv_cache_len": _mean([r["kv_cache_len"][t] for r in at]),
                     "visual_tokens": _mean([r["visual_tokens"][t] for r in at])})
     return out
+
+
+SPREAD_KEYS = ("Acc_", "Avg", "S", "agreement")  # summary keys whose spread over seeds is reported (key + "_std")
+
+
+def merge_seeds(jobs: list, summaries: list[dict]) -> list[dict]:
+    """One summary per (method, rate): a stochastic method evaluated with several seeds (evaluate.seeds) gets the
+    mean of every figure over its seeds, ``seeds`` (how many) and, for the accuracy and judge scores, ``<key>_std``
+    (sample standard deviation over the seeds), as the paper averages Random over three seeds."""
+    groups: dict[str, list[dict]] = {}
+    for job, s in zip(jobs, summaries):
+        groups.setdefault(job.base_key, []).append(s)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        merged = dict(group[0])
+        for k, v in group[0].items():
+            if k in ("method", "rate") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            values = [s[k] for s in group if s.get(k) is not None]
+            merged[k] = _mean(values)
+            if k.startswith(SPREAD_KEYS) and not k.endswith("_std") and k != "dialogues":
+                merged[f"{k}_std"] = _std(values)
+        merged["dialogues"] = group[0]["dialogues"]
+        merged["seeds"] = len(group)
+        out.append(merged)
+    return out

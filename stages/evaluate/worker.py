@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pipeline.metrics import score
+from pipeline.datasets.common import cut_at_stop
+from pipeline.metrics import JUDGED_SOURCES, score
 from pipeline.shards import StageOutput
 from stages.common import encoded_image
 
@@ -71,40 +72,59 @@ class EvalWorker:
                 errors.append([d["dialogue_id"], str(err)])
         return inputs, errors
 
-    def _batch(self, session, images: list, dialogues: list[dict]) -> list[dict]:
+    def _batch(self, session, images: list, dialogues: list[dict], gen: dict) -> list[dict]:
+        """One batch of dialogues of one source through ``session``; ``gen``: the source's answer settings
+        (pipeline.datasets.common.generation_for). Judged (free-form) sources get score 0 here: the driver scores
+        them with the judge (docs/design.md §3.5)."""
+        from pathlib import Path
+
+        if hasattr(session.method.fn, "for_images"):  # a per-image seeded method (Random)
+            session.method.fn.for_images([Path(d["image"]).name for d in dialogues])
         session.set_images(images)
         rows = [{"dialogue_id": d["dialogue_id"], "source": d["source"], "questions": list(d["questions"]),
                  "references": d["answers"], "answers": [], "scores": [], **{f: [] for f in STAT_FIELDS}}
                 for d in dialogues]
+        suffix = f"\n{gen['instruction']}" if gen["instruction"] else ""
         for t in range(len(dialogues[0]["questions"])):
             refs = [reference_answer(d["answers"][t]) for d in dialogues]
-            results = session.ask([d["questions"][t] for d in dialogues], refs)
+            results = session.ask([d["questions"][t] + suffix for d in dialogues], refs)
             for row, d, result in zip(rows, dialogues, results):
-                row["answers"].append(result.answer)
-                row["scores"].append(score(d["source"], result.answer, d["answers"][t]))
+                answer = cut_at_stop(result.answer, gen["stop"]) if gen["stop"] else result.answer
+                row["answers"].append(answer)
+                row["scores"].append(0.0 if d["source"] in JUDGED_SOURCES else
+                                     score(d["source"], answer, d["answers"][t], gen["metric"]))
                 stats = result.stats.to_dict()
                 for f in STAT_FIELDS:
                     row[f].append(stats[f])
         return rows
 
     def run_shard(self, job: dict, index: int, dialogues: list[dict]) -> dict:
-        from compress.lvlm.methods import get_method
+        from compress.lvlm.methods import STOCHASTIC_METHODS, get_method, seeded_method
         from compress.lvlm.session import BatchChatSession
 
-        method = get_method(job["method"], self._compressor(job["compressor"], job["method"]))
         opts = self.options
-        session = BatchChatSession(self.adapter, method, job["rate"], max_new_tokens=opts["max_new_tokens"],
-                                   history="model" if opts["history"] == "own" else "reference")
-        inputs, errors = self._inputs(index, dialogues, method.kind == "vision")
-        ok = [j for j, x in enumerate(inputs) if x is not None]
-        by_turns: dict[int, list[int]] = {}  # dialogues with the same number of turns go through a session together
-        for j in ok:
-            by_turns.setdefault(len(dialogues[j]["questions"]), []).append(j)
+        # dialogues of the same source (answer settings) and number of turns go through a session together
+        by_group: dict[tuple[str, int], list[int]] = {}
+        inputs, errors = None, []
         rows = []
-        for group in by_turns.values():
-            for start in range(0, len(group), opts["batch_size"]):
-                chunk = group[start:start + opts["batch_size"]]
-                rows += self._batch(session, [inputs[j] for j in chunk], [dialogues[j] for j in chunk])
+        for source in dict.fromkeys(d["source"] for d in dialogues):
+            gen = opts["generation"][source]
+            method = (seeded_method(job["method"], job["seed"]) if job["method"] in STOCHASTIC_METHODS else
+                      get_method(job["method"], self._compressor(job["compressor"], job["method"])))
+            if inputs is None:
+                inputs, errors = self._inputs(index, dialogues, method.kind == "vision")
+                for j, x in enumerate(inputs):
+                    if x is not None:
+                        by_group.setdefault((dialogues[j]["source"], len(dialogues[j]["questions"])), []).append(j)
+            session = BatchChatSession(self.adapter, method, job["rate"], max_new_tokens=gen["max_new_tokens"],
+                                       history="model" if opts["history"] == "own" else "reference",
+                                       vqa=gen["style"] == "short" and gen["instruction"] is None)
+            for (group_source, _), group in by_group.items():
+                if group_source != source:
+                    continue
+                for start in range(0, len(group), opts["batch_size"]):
+                    chunk = group[start:start + opts["batch_size"]]
+                    rows += self._batch(session, [inputs[j] for j in chunk], [dialogues[j] for j in chunk], gen)
         order = {d["dialogue_id"]: j for j, d in enumerate(dialogues)}
         rows.sort(key=lambda r: order[r["dialogue_id"]])
         StageOutput(**job["out_args"]).write_shard(index, rows)

@@ -4,9 +4,14 @@ unpickles), written to a temporary directory and renamed."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import uuid
 from pathlib import Path
+
+from pipeline.hashing import file_sha256
+
+log = logging.getLogger("metacompress")
 
 KEEP_CHECKPOINTS = 2
 
@@ -32,7 +37,8 @@ def save_checkpoint(directory: Path, iteration: int, policy, optimizer, meta: di
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "tensors.safetensors"))
     state = {**meta, "iteration": iteration, "spec": policy.spec(), "param_groups": opt["param_groups"],
-             "optimizer_scalars": scalars, "optimizer_entries": sorted(int(i) for i in opt["state"])}
+             "optimizer_scalars": scalars, "optimizer_entries": sorted(int(i) for i in opt["state"]),
+             "tensors_sha256": file_sha256(str(tmp / "tensors.safetensors"))}
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -41,9 +47,34 @@ def save_checkpoint(directory: Path, iteration: int, policy, optimizer, meta: di
     return final
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """None when ``path`` is a complete checkpoint whose tensors are the bytes its state.json recorded; else why
+    not, naming the file. Only state.json (JSON) and tensors.safetensors are ever read (docs/design.md §8)."""
+    try:
+        state = json.loads((path / "state.json").read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return f"{path / 'state.json'} is missing"
+    except ValueError as e:
+        return f"{path / 'state.json'} is not valid JSON ({e})"
+    if not isinstance(state, dict) or not isinstance(state.get("tensors_sha256"), str):
+        return f"{path / 'state.json'} records no sha256 for its tensors"
+    tensors = path / "tensors.safetensors"
+    if not tensors.is_file():
+        return f"{tensors} is missing"
+    if file_sha256(str(tensors)) != state["tensors_sha256"]:
+        return f"{tensors} changed after it was written (sha256 differs from state.json)"
+    return None
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(p for p in directory.glob("ckpt-*") if (p / "state.json").is_file()) if directory.is_dir() else []
-    return found[-1] if found else None
+    """The newest intact checkpoint; damaged or foreign ones are skipped with a warning naming the file."""
+    found = sorted(p for p in directory.glob("ckpt-*") if p.is_dir()) if directory.is_dir() else []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("tprl: checkpoint refused: %s", problem)
+    return None
 
 
 def load_checkpoint(path: Path, make_optimizer) -> tuple[object, object, dict]:
@@ -54,6 +85,9 @@ def load_checkpoint(path: Path, make_optimizer) -> tuple[object, object, dict]:
 
     from compress.tprl import TPRLPolicy
 
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ValueError(f"tprl checkpoint refused: {problem}; delete {path} to start over")
     tensors = load_file(str(path / "tensors.safetensors"))
     state = json.loads((path / "state.json").read_text())
     policy = TPRLPolicy.from_spec(state["spec"])

@@ -14,7 +14,7 @@ from pipeline.config import PipelineConfig
 from pipeline.shards import StageOutput
 from stages.common import model_actor, run_sharded, shard_ranges
 from stages.outputs import TPRL as STAGE
-from stages.outputs import policy_dir, tprl_dir
+from stages.outputs import policy_dir, tprl_dir, trained_files_problem, write_trained_marker
 from stages.tprl.checkpoints import _save_policy_atomic, latest_checkpoint, load_checkpoint, save_checkpoint
 from stages.tprl.inputs import derived_seed, feature_args, load_records, prepared_args, trajectory_hash
 from stages.tprl.worker import TPRLWorker, _float_features
@@ -163,6 +163,15 @@ def _ppo(config: PipelineConfig, records, prepared, actors, policy, optimizer, s
     return last
 
 
+def _damaged(marker: str, directory: str) -> bool:
+    """True (with a warning naming the file) when the policy's bytes are not those its _SUCCESS recorded: it is
+    then rebuilt from the last checkpoint (docs/design.md §8)."""
+    problem = trained_files_problem(marker, directory)
+    if problem:
+        log.warning("tprl: %s; recomputing it", problem)
+    return problem is not None
+
+
 def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> TPRLReport:
     """Train (or resume, or reuse) the TPRL policy on ``split``; skipped unless ``tprl.enabled``."""
     import ray
@@ -181,7 +190,8 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     result_hash = config_hash({"trajectory": traj, "iterations": tc.iterations})[:16]
     marker = Path(tprl_dir(config)) / "_SUCCESS"
     if marker.is_file() and json.loads(marker.read_text()).get("run_hash") == result_hash \
-            and Path(policy_dir(config), "model.safetensors").is_file():
+            and Path(policy_dir(config), "model.safetensors").is_file() \
+            and not _damaged(str(marker), policy_dir(config)):
         done = json.loads(marker.read_text())
         return TPRLReport(STAGE, policy_dir(config), 0, time.perf_counter() - start, tc.iterations,
                           metrics=done.get("metrics", {}))
@@ -249,8 +259,8 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
                 ray.kill(actor)
         _save_policy_atomic(policy, policy_dir(config))
         mlflow.log_artifacts(policy_dir(config), artifact_path="tprl_policy")
-    marker.write_text(json.dumps({"run_hash": result_hash, "trajectory_hash": traj, "iterations": tc.iterations,
-                                  "metrics": report.metrics}, indent=2) + "\n")
+    write_trained_marker(str(marker), policy_dir(config), {"run_hash": result_hash, "trajectory_hash": traj,
+                                                           "iterations": tc.iterations, "metrics": report.metrics})
     report.seconds = time.perf_counter() - start
     log.info(report.line())
     return report

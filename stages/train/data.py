@@ -59,6 +59,14 @@ def steps_per_epoch(shard_rows: list[int], world: int, micro: int) -> int:
     return steps
 
 
+def planned_epochs(per_epoch: int, epochs: int, min_steps: int) -> int:
+    """``epochs``, raised to the fewest whole epochs that give at least ``min_steps`` steps: the length adapts to the
+    data size (a small dataset gets more passes, a large one the configured number; docs/design.md §4.2)."""
+    if per_epoch < 1 or epochs < 1 or min_steps < 0:
+        raise ValueError(f"per_epoch ({per_epoch}) and epochs ({epochs}) must be >= 1, min_steps ({min_steps}) >= 0")
+    return max(epochs, -(-min_steps // per_epoch))
+
+
 def epoch_order(shard_rows: list[int], seed: int, epoch: int, rank: int, world: int) -> list[Key]:
     """The (shard, row) keys worker ``rank`` visits in ``epoch`` (see the module doc)."""
     rng = np.random.default_rng([seed, epoch, rank])
@@ -166,7 +174,7 @@ def online_examples(adapter, records: list[dict], top_k: int, max_new_tokens: in
         answers: list[list[list[int]]] = [[] for _ in group]
         for t in range(turns):
             for b, result in enumerate(session.ask([records[j]["questions"][t] for j in group])):
-                answers[b].append(result.answer_ids)
+                answers[b].append(result.target_ids)  # with the end-of-turn token, as the teacher cache
         forced = answer_logits_batch(ad, [encoded[j].tokens for j in group],
                                      [records[j]["questions"] for j in group], answers)
         for j, ans, fo in zip(group, answers, forced):

@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.config import PipelineConfig
 from stages.common import load_split, shard_ranges, split_limit
 from stages.outputs import TRAIN as STAGE
-from stages.outputs import compressor_dir, rate_dir
+from stages.outputs import compressor_dir, rate_dir, write_trained_marker
 from stages.train.worker import train_loop
 
 log = logging.getLogger("metacompress")
@@ -138,6 +138,25 @@ def train_rate(config: PipelineConfig, rate: float, plan: dict, heldout: dict | 
     return dict(result.metrics or {})
 
 
+def _finished(marker: Path, rhash: str, directory: str) -> dict | None:
+    """The ``_SUCCESS`` record of a finished rate whose compressor is intact, or None (train it, or rebuild it from
+    its last checkpoint). A compressor whose bytes changed is never reused: a warning names the file."""
+    from stages.outputs import trained_files_problem
+
+    try:
+        done = json.loads(marker.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(done, dict) or done.get("run_hash") != rhash:
+        return None
+    problem = trained_files_problem(str(marker), directory)
+    if problem:
+        log.warning("train: %s; recomputing it", problem)
+        marker.unlink(missing_ok=True)
+        return None
+    return done
+
+
 def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> TrainReport:
     """Train (or reuse) one compressor per rate; log and register each in MLflow with the alias ``candidate``.
     (``progress``: accepted for the stage interface; Ray Train reports progress itself.)"""
@@ -154,17 +173,17 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
         for rate in config.train.rates:
             rhash = run_hash(config, rate, plan)
             marker = Path(rate_dir(config, rate)) / "_SUCCESS"
-            if marker.is_file() and json.loads(marker.read_text()).get("run_hash") == rhash \
-                    and Path(compressor_dir(config, rate)).is_dir():
-                report.results[rate] = json.loads(marker.read_text())["metrics"]
+            done = _finished(marker, rhash, compressor_dir(config, rate))
+            if done is not None:
+                report.results[rate] = done["metrics"]
                 continue
             with tracking.nested_run(f"{STAGE}/rate-{rate}", params={"rate": rate, "run_hash": rhash}) as run_:
                 metrics = train_rate(config, rate, plan, heldout, run_.info.run_id)
                 version = tracking.log_compressor(compressor_dir(config, rate), config,
                                                   tags={"rate": str(rate), "run_hash": rhash})
                 metrics = {**metrics, "model_version": int(version.version)}
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"run_hash": rhash, "metrics": metrics}, indent=2))
+            # the integrity chain (docs/design.md §8): the weights' sha256, checked before any reuse
+            write_trained_marker(str(marker), compressor_dir(config, rate), {"run_hash": rhash, "metrics": metrics})
             report.results[rate] = metrics
             report.computed += 1
     report.seconds = time.perf_counter() - start

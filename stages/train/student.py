@@ -103,15 +103,53 @@ def _tensor_output_class():
     return TensorOutput
 
 
+AUTO_THRESHOLD = 0.5  # generator "auto": "normed" when the paper's P starts above this share of log n
+
+
+def initial_entropy_share(hidden_size: int, train_cfg, seed: int, xs: list, layouts: list, rate: float) -> float:
+    """Mean row entropy of the paper's P at initialisation (seeded as the student is) over ``xs`` (n_i, d), as a
+    share of the mean log n_i: near 0, P starts as a selection / pooling; near 1, uniform (docs/design.md §4.1)."""
+    import math
+
+    import torch
+
+    from compress.metacompress import MetaCompress
+    from compress.reduction import num_keep
+
+    torch.manual_seed(seed)  # the reference grid does not matter here: E is zero at initialisation
+    probe = MetaCompress(hidden_size, train_cfg.compress_dim, train_cfg.kernel_size, generator="paper")
+    shares = []
+    with torch.no_grad():
+        for x, layout in zip(xs, layouts):
+            p = probe(x.float(), num_keep(x.shape[0], rate), layout).matrix.double()
+            h = -(p * p.clamp_min(1e-300).log()).sum(-1).mean()
+            shares.append(float(h) / math.log(x.shape[0]) if x.shape[0] > 1 else 0.0)
+    return sum(shares) / max(len(shares), 1)
+
+
+def resolve_generator(generator: str, entropy_share: float) -> str:
+    """``"auto"`` -> ``"normed"`` when the paper's P starts near uniform on this data (entropy share above
+    ``AUTO_THRESHOLD``), else ``"paper"``; any other name is returned as given."""
+    if generator != "auto":
+        return generator
+    return "normed" if entropy_share > AUTO_THRESHOLD else "paper"
+
+
 def build_student(adapter, train_cfg, seed: int):
     """A fresh compressor (seeded: identical on every worker) around ``adapter``'s frozen model."""
     import torch
+
+    if train_cfg.generator == "auto":
+        raise ValueError("train.generator 'auto' must be resolved on the data first (stages.train.student."
+                         "resolve_generator, as the train stage's worker does); or set 'paper' or 'normed'")
 
     vc = adapter.model.config.vision_config
     side = vc.image_size // vc.patch_size  # the position table at the vision tower's own grid (24 x 24 for 336 px)
     torch.manual_seed(seed)
     compressor = _tensor_output_class()(adapter.text_config.hidden_size, train_cfg.compress_dim,
-                                         train_cfg.kernel_size, reference_grid=(side, side)).to(adapter.device)
+                                         train_cfg.kernel_size, reference_grid=(side, side),
+                                         generator=train_cfg.generator,
+                                         temperature=train_cfg.temperature).to(adapter.device)
     return _student_module()(compressor, adapter, train_cfg.entropy_weight, train_cfg.collapse_weight)
 
 

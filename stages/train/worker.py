@@ -56,7 +56,7 @@ def train_loop(cfg: dict) -> None:
     from infra.deepspeed import full_fp32_state, initialize, micro_batch_size
     from pipeline.config import TrainConfig
     from pipeline.env import apply_defaults
-    from stages.train.data import batch_keys, steps_per_epoch
+    from stages.train.data import batch_keys, planned_epochs, steps_per_epoch
 
     apply_defaults()
     started = time.perf_counter()
@@ -69,35 +69,50 @@ def train_loop(cfg: dict) -> None:
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if on_gpu else getattr(torch, cfg["model_dtype"])
     adapter = load_adapter(cfg["model_path"], device=device, dtype=dtype)
+    auto_share = None
+    if tc.generator == "auto":  # decided on the first batch of every rank, averaged: the same on all of them
+        import dataclasses
+
+        from stages.train.student import initial_entropy_share, resolve_generator
+
+        micro0 = micro_batch_size(tc, world)
+        per_epoch0 = steps_per_epoch(cfg["plan"]["shard_rows"], world, micro0)
+        first = _make_source(cfg["plan"], adapter).examples(
+            batch_keys(cfg["plan"]["shard_rows"], tc.seed, 0, rank, world, micro0, per_epoch0))
+        share = torch.tensor([initial_entropy_share(adapter.text_config.hidden_size, tc, tc.seed,
+                                                    [e.features for e in first], [e.layout for e in first],
+                                                    cfg["rate"])], dtype=torch.float64)
+        dist.all_reduce(share)
+        auto_share = float(share) / world
+        tc = dataclasses.replace(tc, generator=resolve_generator("auto", auto_share))
     student = build_student(adapter, tc, tc.seed)
     # ZeRO-3: vectors (norms, biases, omega) stay whole on every worker, matrices are partitioned.
     engine = initialize(student, tc, world, on_gpu, persist_numel=4 * adapter.text_config.hidden_size)
     micro = micro_batch_size(tc, world)
     plan, rate = cfg["plan"], cfg["rate"]
     per_epoch = steps_per_epoch(plan["shard_rows"], world, micro)
-    total = per_epoch * tc.epochs
+    total = per_epoch * planned_epochs(per_epoch, tc.epochs, tc.min_steps)
 
     step, last = 0, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            path, client = engine.load_checkpoint(ckpt_dir, load_module_strict=False)
-        if path is None or client.get("run_hash") != cfg["run_hash"]:
-            raise RuntimeError(f"checkpoint {checkpoint.path} does not belong to this run ({cfg['run_hash']}); "
-                               "delete it or change work_dir")
-        step, last = int(client["step"]), dict(client.get("metrics", {}))
+    # Resume from safetensors + JSON only (stages/train/checkpoints.py, docs/design.md §8): DeepSpeed's own
+    # load_checkpoint unpickles, so it is never called; a damaged or foreign checkpoint restarts the rate from 0.
+    from stages.train import checkpoints
+
+    step, last, _extra = checkpoints.resume(ray.train.get_checkpoint(), engine, student.compressor, rank, world,
+                                            cfg["run_hash"])
 
     def save_and_report(metrics: dict) -> None:
-        # Every rank writes its ZeRO partition; Ray merges the ranks' files into one checkpoint directory.
+        # Every rank writes its own files; Ray merges the ranks' files into one checkpoint directory.
         with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag=f"step-{step}", exclude_frozen_parameters=True,
-                                   client_state={"step": step, "run_hash": cfg["run_hash"], "metrics": last})
+            checkpoints.save(tmp, engine, student.compressor, rank, world, tc.zero_stage, step, cfg["run_hash"],
+                             last)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     source = _make_source(plan, adapter)
     metrics_log = _MetricLog(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else _MetricLog(None, None)
     crash_after = cfg.get("crash_after_step")
     setup_seconds, first_step = time.perf_counter() - started, step
+    curve: list[dict] = []  # this attempt's steps, saved beside the compressor (analyze compressor plots them)
     engine.train()
     while step < total:
         t0 = time.perf_counter()
@@ -111,6 +126,7 @@ def train_loop(cfg: dict) -> None:
                 "collapse": out["collapse"].item(), "lr": engine.get_lr()[0], "step_seconds": seconds,
                 "dialogues_per_second": micro * world / seconds, "epoch": (step - 1) // per_epoch}
         metrics_log.add(last, step)
+        curve.append({"step": step, **last})
         if step % 10 == 0:
             metrics_log.flush()
         if step % tc.checkpoint_every == 0 and step < total:  # the last one is saved with the result below
@@ -131,8 +147,11 @@ def train_loop(cfg: dict) -> None:
         final = MetaCompress(**_init_kwargs(student.compressor.config))
         final.load_state_dict(state)
         _save_atomic(final, cfg["compressor_dir"])
+        _write_curve(curve, cfg["compressor_dir"])
     peak = torch.tensor([float(_peak_memory_bytes(on_gpu))])
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if auto_share is not None:
+        last = {**last, "auto_initial_entropy_share": auto_share, "auto_chose_normed": float(tc.generator == "normed")}
     result = {**last, "step": step, "total_steps": total, "replica_max_abs_diff": replica_diff,
               "setup_seconds": setup_seconds, "train_seconds": train_seconds,
               "steps_per_second": (step - first_step) / train_seconds if step > first_step else 0.0,
@@ -160,7 +179,16 @@ def _peak_memory_bytes(on_gpu: bool) -> int:
 def _init_kwargs(config: dict) -> dict:
     return {"hidden_size": config["hidden_size"], "compress_dim": config["compress_dim"],
             "kernel_size": config["kernel_size"], "reference_grid": tuple(config["reference_grid"]),
-            "pooling": config.get("pooling", "avg")}
+            "pooling": config.get("pooling", "avg"), "generator": config.get("generator", "paper"),
+            "temperature": config.get("temperature", 20.0)}
+
+
+def _write_curve(curve: list[dict], directory: str) -> None:
+    """``train_log.jsonl``: one JSON object per step of this attempt (steps before a resume live in MLflow)."""
+    import json
+
+    with open(Path(directory) / "train_log.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in curve)
 
 
 def _save_atomic(module, directory: str) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress.lvlm.decoder import eager_attention
+from compress.lvlm.decoder import last_query_attention
 
 GROUPS = 2  # one group, plus the pruned layers of FastV
 
@@ -151,7 +151,8 @@ def run_layers(lm: nn.Module, state: StaticState, hidden: torch.Tensor, cur: tor
                sin: torch.Tensor, layers: range, window: int, weights_of: int | None = None):
     """Layers ``layers`` (one group) on hidden (B, q, d) with real positions cur (B, q) and rotary cos/sin (B, q, hd);
     writes their cache at the group's offset and advances it. Fixed shapes, no host sync: capturable.
-    Returns hidden (B, q, d), and the attention weights (B, H, q, W) of layer ``weights_of`` when given."""
+    Returns hidden (B, q, d), and the last query row's attention weights (B, H, 1, q) of layer ``weights_of`` when
+    given (a first prefill: the keys are the queries)."""
     g = state.group[layers.start]
     slots = state.offsets[g] + torch.arange(cur.shape[1], device=cur.device)
     state.masks[g].index_copy_(1, slots, cur)
@@ -162,8 +163,8 @@ def run_layers(lm: nn.Module, state: StaticState, hidden: torch.Tensor, cur: tor
         state.cache.slots[i] = slots
         layer = lm.layers[i]
         call = dict(attention_mask=mask, past_key_values=state.cache, use_cache=True, position_embeddings=(cos, sin))
-        if i == weights_of:
-            with eager_attention(layer.self_attn) as box:
+        if i == weights_of:  # FastV ranks with the last query row only (docs/design.md §4.4.2)
+            with last_query_attention(layer.self_attn, cur) as box:
                 hidden = layer(hidden, **call)
             weights = box["weights"]
         else:

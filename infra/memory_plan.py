@@ -9,7 +9,7 @@ Every figure is a count of bytes from tensor shapes (docs/design.md §6.4), for 
   model can produce (LLaVA-NeXT: base grid + the largest unpadded crop grid with its newline tokens) plus the text
   of every turn;
 - prefill activations: one decoder layer's transients ``batch * tokens * (4 * hidden + 3 * intermediate)``;
-- FastV: its eager layer's float32 attention scores ``batch * heads * tokens^2``;
+- FastV: its ranking layer's float32 attention scores of the last query row, ``batch * heads * tokens``;
 - train: activations kept for the backward pass through the frozen LLM on the reduced sequence
   (``34 * tokens * batch * hidden`` bytes per layer in 16-bit, Korthikanti et al. 2022 without the attention-score
   term, which SDPA does not store) and the answer logits with their gradient in float32.
@@ -107,7 +107,7 @@ def stage_memory(shape: ModelShape, config, turns: int = 3) -> list[StageMemory]
     ev, tr = config.evaluate, config.train
     weights = shape.params * dtype
     full = shape.max_visual_tokens + text_tokens(turns, max(ev.max_new_tokens, config.teacher.max_new_tokens))
-    fastv = ev.batch_size * shape.heads * full * full * 4 if "fastv" in ev.methods else 0
+    fastv = ev.batch_size * shape.heads * full * 4 if "fastv" in ev.methods else 0  # the last query row only
     rows = [
         StageMemory("extract", config.extract.batch_size, shape.max_visual_tokens, weights, 0,
                     shape.prefill_bytes(config.extract.batch_size, shape.max_visual_tokens, dtype), 0),

@@ -106,11 +106,22 @@ def results_markdown(summaries: list[dict], title: str = "Accuracy per turn (%)"
             avg = _fmt(s["Avg"])
             if s["method"] != "full" and s["Avg"] == best:
                 avg = f"**{avg}**"
-            lines.append(f"| {label(s['method'])} | " + " | ".join(_fmt(s.get(t)) for t in turns)
-                         + f" | {avg} | {_fmt(s.get('agreement'))} |")
+            lines.append(f"| {label(s['method'])} | " + " | ".join(_with_spread(s, t) for t in turns)
+                         + f" | {avg}{_spread(s, 'Avg')} | {_fmt(s.get('agreement'))} |")
         lines.append("")
-    lines.append("Agree: share of turns whose answer equals the full-token model's answer (%).")
+    lines.append("Agree: share of turns whose answer equals the full-token model's answer (%)."
+                 + (" ± : standard deviation over `evaluate.seeds` (stochastic methods)."
+                    if any(s.get("Avg_std") is not None for s in summaries) else ""))
     return "\n".join(lines) + "\n"
+
+
+def _spread(s: dict, key: str) -> str:
+    """" ± std" over the seeds of a stochastic method (``<key>_std`` in its summary), else nothing."""
+    return f" ± {_fmt(s[key + '_std'])}" if s.get(key + "_std") is not None else ""
+
+
+def _with_spread(s: dict, key: str) -> str:
+    return _fmt(s.get(key)) + _spread(s, key)
 
 
 def efficiency_markdown(summaries: list[dict], batch_size: int | None = None) -> str:

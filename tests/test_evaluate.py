@@ -251,5 +251,8 @@ def test_reports_put_base_first_in_every_rate_block(tmp_path):
                                                   (0.7, "MetaCompress", 75.0), (0.9, "Base", 85.0),
                                                   (0.9, "Sample", 45.0)]
     assert "| MetaCompress | 70.00 | 80.00 | **75.00** |" in results_markdown(summaries)
+    assert "±" not in results_markdown(summaries)  # one seed: no spread
+    seeded = dict(s("random", 0.7, [50, 60]), seeds=[0, 1, 2], Acc_1_std=4.0, Acc_2_std=2.5, Avg_std=3.0)
+    assert "| Random | 50.00 ± 4.00 | 60.00 ± 2.50 | 55.00 ± 3.00 | 50.00 |" in results_markdown(summaries + [seeded])
     paths = write_reports(summaries, [], tmp_path)
     assert all(p.stat().st_size > 0 for p in paths)

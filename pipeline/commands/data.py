@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.commands.argtypes import at_least_one
+
 
 def _refuse_overwrite(paths: list[Path], overwrite: bool) -> None:
     existing = [p for p in paths if p.exists()]
@@ -139,16 +141,6 @@ def _positive(text: str) -> int:
     return value
 
 
-def _one_or_more(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _common_builder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder for dialogues.jsonl")
     p.add_argument("--turns", type=_positive, default=3, help="questions per dialogue (default 3)")
@@ -167,13 +159,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     p = sub.add_parser("mt-shapes", help="generate MT-Shapes train/val/test splits")
     p.add_argument("--out", required=True)
-    p.add_argument("--dialogues", type=_one_or_more, required=True,
+    p.add_argument("--dialogues", type=at_least_one, required=True,
                    help="total dialogues over all splits (default split: 80/10/10 %%)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val", type=int, default=None, help="validation dialogues (default 10 %% of --dialogues)")
     p.add_argument("--test", type=int, default=None, help="test dialogues (default 10 %% of --dialogues)")
-    p.add_argument("--turns", type=_one_or_more, default=3)
-    p.add_argument("--image-size", type=_one_or_more, default=96, help="side of a square image in pixels (default 96)")
+    p.add_argument("--turns", type=at_least_one, default=3)
+    p.add_argument("--image-size", type=at_least_one, default=96, help="side of a square image in pixels (default 96)")
     p.add_argument("--aspect", default="1", help="width:height (e.g. 3:2 or 1.5), or 'random' (one per scene)")
     p.add_argument("--aspects", nargs="+", default=None,
                    help="choices for --aspect random (default 1:2 2:3 1:1 3:2 2:1)")

@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from pipeline.commands.argtypes import at_least_one
+
 
 def _build(args: argparse.Namespace) -> int:
     from infra.reference.recipe import RecipeConfig, build_reference
@@ -66,16 +68,6 @@ def _share(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("reference", help="build the reference LVLMs (small LLaVA / LLaVA-NeXT)")
     sub = p.add_subparsers(dest="reference_command", metavar="ACTION", required=True)
@@ -86,9 +78,9 @@ def register(subparsers) -> None:
     b.add_argument("--eval", help="dialogues.jsonl scored at the end (default with MT-Shapes: its test split)")
     b.add_argument("--eval-limit", type=int, default=None, help="score only the first N evaluation dialogues")
     b.add_argument("--eval-every", type=int, default=0, help="score 200 evaluation dialogues every N steps")
-    b.add_argument("--steps", type=_count, default=2500, help="stage-2 (dialogue) training steps")
+    b.add_argument("--steps", type=at_least_one, default=2500, help="stage-2 (dialogue) training steps")
     b.add_argument("--stage1-steps", type=int, default=1200, help="stage-1 (dense vision labels) steps")
-    b.add_argument("--batch", type=_count, default=16)
+    b.add_argument("--batch", type=at_least_one, default=16)
     b.add_argument("--lr", type=float, default=1e-3, help="stage-2 learning rate (see RecipeConfig.stage2_lr)")
     b.add_argument("--attention-weight", type=float, default=1.0,
                    help="weight of the attention supervision on MT-Shapes (where each answer should look); 0: off")

@@ -133,6 +133,18 @@ def test_fused_reducers_equal_the_modules(compressor):
     assert fused_reducer(lambda x, m, lay: None, 64, 13, layout, x.device) is None
 
 
+def test_a_session_and_the_benchmark_share_one_accelerator(llava):
+    """The benchmark counts graphs on ``Accelerator.get(adapter, **options)``: it must be the session's one, whether
+    or not a default (here ``max_cache_len``) is spelled out."""
+    from compress.lvlm.accel import Accelerator
+    from compress.lvlm.session import BatchChatSession
+
+    session = BatchChatSession(llava, "full", static_cache=True, device_image=True)
+    assert Accelerator.get(llava, static_cache=True, device_image=True) is session.fast
+    assert Accelerator.get(llava, static_cache=True, device_image=True, max_cache_len=None) is session.fast
+    assert Accelerator.get(llava, static_cache=True, device_image=False) is not session.fast
+
+
 def test_cuda_graphs_need_a_gpu(llava):
     from compress.lvlm.session import BatchChatSession
 

@@ -188,6 +188,8 @@ def prompt_attention(adapter, image_tokens: torch.Tensor, question: str, layers:
     from compress.lvlm.session import expand_image
 
     lm = adapter.language_model
+    if adapter.rope_dims != 1:  # its visual tokens would run at 1-D positions (docs/design.md §5)
+        raise ValueError(f"the prompt-attention analysis supports 1-D rotary families (LLaVA), not {adapter.family}")
     num_layers = len(lm.layers)
     for l in layers:
         if not 0 <= l < num_layers:

@@ -42,12 +42,28 @@ LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers
 LLAMA2_13B = dict(LLAMA2_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                   num_key_value_heads=40)
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6
+# Qwen2.5-VL-7B-Instruct's config.json: windowed ViT (patch 14, 2x2 merger to the LLM width), Qwen2.5-7B decoder.
+QWEN25_VIT = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": 3584,
+              "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "hidden_act": "silu"}
+QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+             "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
+# ChatML with Qwen's default system prompt and vision markers (Qwen2.5-VL's chat template, images only).
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>")
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """``family``: "llava" or "llava_next". ``vision`` / ``text``: CLIPVisionConfig / LlamaConfig keyword arguments.
-    ``image_size``: (height, width) of the benchmark image (random pixels)."""
+    """``family``: "llava", "llava_next" or "qwen2_5_vl". ``vision`` / ``text``: CLIPVisionConfig / LlamaConfig (or
+    Qwen2_5_VLVisionConfig / Qwen2_5_VLTextConfig) keyword arguments. ``image_size``: (height, width) of the benchmark
+    image (random pixels)."""
 
     name: str
     family: str
@@ -86,6 +102,18 @@ ARCHITECTURES: dict[str, Architecture] = {
                                "max_position_embeddings": 2048},
                               (64, 64), [[32, 64], [64, 32], [64, 64]],
                               description="tiny LLaVA-NeXT-shaped model for CPU tests (anyres 2x2 + base)"),
+    "qwen2.5-vl-7b": Architecture("qwen2.5-vl-7b", "qwen2_5_vl", QWEN25_VIT, QWEN25_7B, (672, 672),
+                                  description="Qwen2.5-VL-7B: windowed ViT + 2x2 merger (576 tokens at 672x672), "
+                                              "Qwen2.5-7B, 3-D rotary positions"),
+    "tiny-qwen": Architecture("tiny-qwen", "qwen2_5_vl",
+                              dict(QWEN25_VIT, depth=4, hidden_size=64, intermediate_size=128, num_heads=2,
+                                   patch_size=4, window_size=16, out_hidden_size=128, fullatt_block_indexes=[1, 3]),
+                              {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+                               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+                               "max_position_embeddings": 2048,
+                               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                   "mrope_section": [4, 6, 6]}},
+                              (64, 64), description="tiny Qwen2.5-VL-shaped model for CPU tests (8x8 merged tokens)"),
 }
 
 
@@ -101,12 +129,38 @@ def special_ids(vocab_size: int) -> dict[str, int]:
     return {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": vocab_size - 64, "<pad>": vocab_size - 63}
 
 
+def qwen_special_ids(vocab_size: int) -> dict[str, int]:
+    """Qwen's special tokens where Qwen2.5-VL-7B puts them in its 152064 vocabulary (151643 ..), i.e. from 421 ids
+    before the end on; the image placeholder is <|image_pad|>."""
+    first = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+             "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656}
+    return {k: v - 152064 + vocab_size for k, v in first.items()}
+
+
+def build_qwen_config(arch: Architecture, decoder_layers: int | None = None) -> Any:
+    """Qwen2_5_VLConfig of an architecture (see ``build_config``)."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = qwen_special_ids(arch.text["vocab_size"])
+    text = dict(arch.text, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    if decoder_layers is not None:
+        if decoder_layers < 1:
+            raise ValueError(f"decoder_layers={decoder_layers} must be at least 1")
+        text["num_hidden_layers"] = decoder_layers
+    return Qwen2_5_VLConfig(vision_config=dict(arch.vision), text_config=text, image_token_id=ids["<|image_pad|>"],
+                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                            vision_end_token_id=ids["<|vision_end|>"], **arch.extra)
+
+
 def build_config(arch: Architecture | str, decoder_layers: int | None = None) -> Any:
     """The transformers config (LlavaConfig / LlavaNextConfig) of an architecture. ``decoder_layers``: a shallower
     decoder of the same width (a smoke test of the real shapes on a small machine; FLOPs follow the real depth)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     arch = get_architecture(arch) if isinstance(arch, str) else arch
+    if arch.family == "qwen2_5_vl":
+        return build_qwen_config(arch, decoder_layers)
     ids = special_ids(arch.text["vocab_size"])
     text_kwargs = dict(arch.text)
     if decoder_layers is not None:
@@ -123,7 +177,34 @@ def build_config(arch: Architecture | str, decoder_layers: int | None = None) ->
         return LlavaConfig(**common)
     if arch.family == "llava_next":
         return LlavaNextConfig(**common, image_grid_pinpoints=arch.grid_pinpoints)
-    raise ValueError(f"architecture {arch.name}: family {arch.family!r} is not 'llava' or 'llava_next'")
+    raise ValueError(f"architecture {arch.name}: family {arch.family!r} is not 'llava', 'llava_next' or "
+                     "'qwen2_5_vl'")
+
+
+def build_qwen_tokenizer(vocab_size: int):
+    """Word-level tokenizer over all ``vocab_size`` ids with Qwen's special tokens at Qwen's ids
+    (``qwen_special_ids``), no BOS (as Qwen's), and ``QWEN_CHAT_TEMPLATE``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ids = qwen_special_ids(vocab_size)
+    words = list(dict.fromkeys(re.findall(r"\w+|[^\w\s]+", CORPUS + " system user assistant You are helpful")))
+    vocab = dict(ids, **{"<unk>": 0})
+    free = (i for i in range(vocab_size) if i not in vocab.values())
+    for word in words + [f"<|w{i}|>" for i in range(vocab_size)]:
+        if len(vocab) == vocab_size:
+            break
+        if word not in vocab:
+            vocab[word] = next(free)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": [t for t in QWEN_SPECIALS if t != "<|endoftext|>"]})
+    if tok.convert_tokens_to_ids("<|image_pad|>") != ids["<|image_pad|>"]:
+        raise RuntimeError("the image placeholder did not keep its id; the tokenizer construction changed")
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
 
 
 def build_tokenizer(vocab_size: int):
@@ -156,7 +237,17 @@ def build_tokenizer(vocab_size: int):
 
 
 def build_image_processor(arch: Architecture):
-    """The Pil image processor of the family, sized for the vision tower (shortest edge, centre crop)."""
+    """The Pil image processor of the family, sized for the vision tower (shortest edge, centre crop; Qwen: its
+    patch and merge sizes, transformers' pixel bounds)."""
+    if arch.family == "qwen2_5_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        v = arch.vision
+        factor = v["patch_size"] * v["spatial_merge_size"]
+        return Qwen2VLImageProcessorPil(patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
+                                        temporal_patch_size=v["temporal_patch_size"],
+                                        size={"shortest_edge": 4 * factor * factor,
+                                              "longest_edge": 16384 * factor * factor})
     size = arch.vision["image_size"]
     kwargs = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     if arch.family == "llava":
@@ -177,20 +268,27 @@ def default_dtype(device: str):
 
 def build_adapter(name: str, device: str = "cpu", dtype=None, attn_implementation: str = "sdpa", seed: int = 0,
                   decoder_layers: int | None = None):
-    """An adapter (LlavaAdapter / LlavaNextAdapter) around the architecture with random weights, created directly
-    on ``device`` in ``dtype`` (default: ``default_dtype``), so a 7B model never exists in fp32 on the host.
-    ``decoder_layers``: see ``build_config``."""
+    """An adapter (LlavaAdapter / LlavaNextAdapter / Qwen25VLAdapter) around the architecture with random weights,
+    created directly on ``device`` in ``dtype`` (default: ``default_dtype``), so a 7B model never exists in fp32 on
+    the host. ``decoder_layers``: see ``build_config``."""
     import torch
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers import (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                              Qwen2_5_VLForConditionalGeneration)
 
     arch = get_architecture(name)
     dtype = dtype or default_dtype(device)
     config = build_config(arch, decoder_layers)
-    cls = LlavaForConditionalGeneration if arch.family == "llava" else LlavaNextForConditionalGeneration
+    cls = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+           "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[arch.family]
     torch.manual_seed(seed)
     with torch.device(device):
         model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.eval().requires_grad_(False)
+    if arch.family == "qwen2_5_vl":
+        from compress.lvlm.qwen2_5_vl import Qwen25VLAdapter
+
+        return Qwen25VLAdapter(model, build_qwen_tokenizer(arch.text["vocab_size"]), build_image_processor(arch),
+                               f"<random {arch.name}>", chat_template=QWEN_CHAT_TEMPLATE)
     if arch.family == "llava_next":
         with torch.no_grad():  # the image newline may start as zeros/uninitialised: give it values like the rest
             model.model.image_newline.normal_(0, 0.02)

@@ -235,8 +235,8 @@ def test_load_adapter_round_trip_and_errors(tmp_path):
         load_adapter(tmp_path / "empty")
     other = tmp_path / "qwen"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    with pytest.raises(ValueError, match=r"qwen.*'qwen2_vl' is not supported"):
+    (other / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))  # qwen2_vl is supported (issue 21)
+    with pytest.raises(ValueError, match=r"qwen.*'qwen3_vl' is not supported"):
         load_adapter(other)
     (model_dir / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):

@@ -11,6 +11,15 @@ from pathlib import Path
 ADAPTERS = {  # model_type -> "module:class"; imported lazily (transformers is heavy)
     "llava": "compress.lvlm.llava:LlavaAdapter",
     "llava_next": "compress.lvlm.llava_next:LlavaNextAdapter",
+    "qwen2_5_vl": "compress.lvlm.qwen2_5_vl:Qwen25VLAdapter",
+    "qwen2_vl": "compress.lvlm.qwen2_5_vl:Qwen2VLAdapter",
+}
+# Families users ask for that the project cannot serve correctly, and why (docs/design.md §5); refused by name.
+UNSUPPORTED = {
+    "qwen3_vl": "its DeepStack adds vision features inside the first LLM layers, which the decoder driver does not "
+                "carry",
+    "llava_onevision": "its anyres-max packing has no adapter yet",
+    "internlmxcomposer2": "it runs only with remote code, which is never trusted",
 }
 
 
@@ -27,6 +36,9 @@ def model_family(model_dir: str | Path) -> str:
         model_type = json.loads(cfg.read_text()).get("model_type")
     except json.JSONDecodeError as err:
         raise ValueError(f"{cfg} is not valid JSON ({err})") from err
+    if model_type in UNSUPPORTED:
+        raise ValueError(f"{model_dir}: model_type {model_type!r} is not supported: {UNSUPPORTED[model_type]}; "
+                         f"supported families: {sorted(ADAPTERS)}")
     if model_type not in ADAPTERS:
         raise ValueError(f"{model_dir}: model_type {model_type!r} is not supported; supported families: "
                          f"{sorted(ADAPTERS)}")
@@ -40,9 +52,9 @@ def model_family(model_dir: str | Path) -> str:
 
 def load_adapter(model_dir: str | Path, device: str = "cpu", dtype=None, attn_implementation: str | None = None,
                  conversation: str = "auto"):
-    """The adapter for the checkpoint in ``model_dir`` (LlavaAdapter / LlavaNextAdapter); remote code is never
-    trusted (transformers' own classes only). ``conversation``: the prompt format (``compress.lvlm.conversation``;
-    ``auto`` = the format the family was trained with)."""
+    """The adapter for the checkpoint in ``model_dir`` (LlavaAdapter / LlavaNextAdapter / Qwen25VLAdapter /
+    Qwen2VLAdapter); remote code is never trusted (transformers' own classes only). ``conversation``: the prompt
+    format (``compress.lvlm.conversation``; ``auto`` = the format the family was trained with)."""
     import importlib
 
     module, cls = ADAPTERS[model_family(model_dir)].split(":")
@@ -50,4 +62,4 @@ def load_adapter(model_dir: str | Path, device: str = "cpu", dtype=None, attn_im
         model_dir, device=device, dtype=dtype, attn_implementation=attn_implementation, conversation=conversation)
 
 
-__all__ = ["ADAPTERS", "load_adapter", "model_family"]
+__all__ = ["ADAPTERS", "UNSUPPORTED", "load_adapter", "model_family"]

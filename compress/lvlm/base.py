@@ -42,6 +42,40 @@ class EncodedImage:
     image_size: tuple[int, int]
 
 
+@dataclass
+class VisualPositions:
+    """Rotary positions of one image's visual tokens for a 3-D rotary family (docs/design.md §5), relative to the
+    position where the image starts. ``offsets``: (k, 3) long, (t, h, w) of each token. ``span``: the positions the
+    image consumes; the text after it starts at ``start + span`` whatever the reduction kept."""
+
+    offsets: torch.Tensor
+    span: int
+
+
+def reduced_positions(full: VisualPositions, reduction, reducer=None) -> VisualPositions:
+    """The positions of a feature reducer's output tokens (the rule of docs/design.md §5): a kept token
+    (``keep_indices``) keeps its (t, h, w); a MetaCompress token takes the position of its pooling window's centre,
+    input token ``floor((i + 0.5) n / m)``; any other linear token (``matrix`` P (m, n), e.g. Spatial's window
+    averages) the P-weighted mean of its inputs' positions, rounded half up. The span is the full image's."""
+    from compress.metacompress import MetaCompress, pool_windows
+
+    n = full.offsets.shape[0]
+    if reduction.keep_indices is not None:
+        return VisualPositions(full.offsets[reduction.keep_indices.to(full.offsets.device).long()], full.span)
+    if reduction.matrix is None:
+        raise ValueError(f"reducer {reducer!r} returned neither keep_indices nor a matrix: the positions of its tokens "
+                         "are unknown, so it cannot run on a 3-D rotary family")
+    p = reduction.matrix.detach().double()
+    if p.shape[1] != n:
+        raise ValueError(f"reduction matrix has {p.shape[1]} columns but the image has {n} visual tokens")
+    if isinstance(reducer, MetaCompress):
+        centres = pool_windows(n, p.shape[0], 1)[0][:, 0].to(full.offsets.device)
+        return VisualPositions(full.offsets[centres], full.span)
+    mean = (p @ full.offsets.to(p.device).double()) / p.sum(1, keepdim=True).clamp(min=1e-12)
+    # a half-way mean (a window of even width) rounds up even when the weights' float error puts it a hair below
+    return VisualPositions(torch.floor(mean + 0.5 + 1e-6).long().to(full.offsets.device), full.span)
+
+
 def load_image(image: Any):
     """A PIL image from a PIL image or a path; RGB. Raises ValueError naming the file when it cannot be read."""
     from PIL import Image, UnidentifiedImageError
@@ -76,6 +110,11 @@ class LVLMAdapter:
 
     family = ""
     model_class = ""  # transformers' class for the family
+    # Rotary positions (docs/design.md §5): 1 = consecutive 1-D positions over every fed token (LLaVA); 3 = (t, h, w)
+    # multimodal positions (Qwen2.5-VL), where reduced visual tokens carry ``VisualPositions``.
+    rope_dims = 1
+    # What the family's vision side offers to the methods that need it (``compress.lvlm.methods.CAPABILITIES``).
+    capabilities: frozenset = frozenset({"clip_tower", "cls"})
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu",
@@ -85,9 +124,15 @@ class LVLMAdapter:
         from transformers import AutoTokenizer
 
         model_dir = Path(model_dir)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        # Straight onto the device (docs/design.md §6.4): with a device_map transformers builds the model on the meta
+        # device and copies each tensor of the memory-mapped safetensors file to its place on ``device``, in
+        # ``dtype``; a plain load followed by ``.to(device)`` held a whole host copy per actor first.
         model = getattr(transformers, cls.model_class).from_pretrained(
             str(model_dir), dtype=dtype or torch.float32, attn_implementation=attn_implementation,
-            use_safetensors=True).to(device)
+            use_safetensors=True, device_map={"": device})
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         return cls(model, tokenizer, cls.load_processor(model_dir, model.config), model_dir,
                    conversation=conversation)
@@ -312,6 +357,45 @@ class LVLMAdapter:
         out = fn(self.model.model.vision_tower, encoded.pixel_values.to(self.device, self.dtype), num_keep,
                  self.feature_layer, self.select_strategy, **options)
         return self.project(feature_list(out)[0])
+
+    # --- positions -----------------------------------------------------------------------------------------------
+    def layout_positions(self, layout: Layout) -> VisualPositions | None:
+        """The unreduced ``VisualPositions`` of an image of ``layout``; None for 1-D families (their visual tokens
+        count on)."""
+        return None
+
+    def visual_positions(self, encoded: EncodedImage) -> VisualPositions | None:
+        return self.layout_positions(encoded.layout)
+
+    def positions_after(self, layout: Layout, reduction=None, reducer=None) -> VisualPositions | None:
+        """What a stage passes as ``answer_logits_batch(image_positions=...)`` for one image of ``layout``: its tokens
+        unreduced (``reduction`` None) or a reducer's ``Reduction`` of them (``reduced_positions``); None for 1-D
+        families."""
+        full = self.layout_positions(layout)
+        if full is None or reduction is None:
+            return full
+        return reduced_positions(full, reduction, reducer)
+
+    def rope_inputs(self, ids: torch.Tensor, mask: torch.Tensor,
+                    positions: list[VisualPositions | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``decoder.forward``'s ``mrope`` for a prompt ids (B, L) (real where ``mask``) whose row b holds the
+        visual tokens of ``positions[b]``: (offsets (B, L, 3), advance (B, L)); None for 1-D families."""
+        if self.rope_dims == 1:
+            return None
+        is_img = (ids == self.image_token_id) & mask
+        offsets = torch.zeros(*ids.shape, 3, dtype=torch.long, device=ids.device)
+        advance = mask.long().clone()
+        for b, pos in enumerate(positions):
+            idx = is_img[b].nonzero()[:, 0]
+            if not len(idx):
+                continue
+            if pos is None or pos.offsets.shape[0] != len(idx):
+                raise ValueError(f"row {b}: {len(idx)} visual tokens in the prompt but positions for "
+                                 f"{None if pos is None else pos.offsets.shape[0]}")
+            offsets[b, idx] = pos.offsets.to(ids.device)
+            advance[b, idx] = 0
+            advance[b, idx[-1]] = pos.span
+        return offsets, advance
 
     def full_forward_logits(self, ids: torch.Tensor, encoded: EncodedImage) -> torch.Tensor:
         """The model's own path: ``model(input_ids, pixel_values, ...)`` logits (1, L, V); ids hold n image ids.

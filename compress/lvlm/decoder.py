@@ -139,15 +139,26 @@ def last_query_attention(attn: nn.Module, key_mask: torch.Tensor):
 
 
 def forward(lm: nn.Module, state: DecoderState, embeds: torch.Tensor, new_mask: torch.Tensor,
-            pruner=None, record: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            pruner=None, record: list | None = None, mrope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed embeds (B, q, d) (new_mask (B, q) bool) through every layer of ``lm`` (a ``LlamaModel``), appending
     to ``state``. ``pruner`` (with ``.layer`` and ``__call__(weights, new_mask) -> (index, valid)``) shortens the
     sequence after that layer. ``record`` gets one (q_real (B,), kv_real (B,)) pair per layer, for FLOPs.
+    ``mrope``: (offsets (B, q, 3) long, advance (B, q) long) for a 3-D rotary family (docs/design.md §5): a token's
+    (t, h, w) is its base plus its offsets, the base being the text position reached before it (each real token moves
+    it by its ``advance``: 1 for text, the image's span after its last visual token). None: 1-D positions.
     Returns (hidden (B, q', d) after the final norm, new_mask (B, q'))."""
-    pos = (state.next_pos[:, None] + new_mask.long().cumsum(1) - 1).clamp(min=0)
-    state.next_pos = state.next_pos + new_mask.sum(1)
+    if mrope is None:
+        pos = (state.next_pos[:, None] + new_mask.long().cumsum(1) - 1).clamp(min=0)
+        rope_pos = pos
+        state.next_pos = state.next_pos + new_mask.sum(1)
+    else:
+        offsets, advance = mrope
+        adv = advance * new_mask.long()
+        pos = state.next_pos[:, None] + adv.cumsum(1) - adv
+        rope_pos = pos[None] + offsets.permute(2, 0, 1)
+        state.next_pos = state.next_pos + adv.sum(1)
     hidden = embeds
-    cos, sin = lm.rotary_emb(hidden, position_ids=pos)
+    cos, sin = lm.rotary_emb(hidden, position_ids=rope_pos)
     cur = new_mask
     memo: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     key_masks, tokens = list(state.key_masks), list(state.layer_tokens)

@@ -17,6 +17,19 @@ from typing import Callable
 
 KINDS = ("none", "feature", "llm", "vision")
 
+# What a method needs from a model family (an adapter's ``capabilities``; docs/design.md §5, the README's matrix).
+CAPABILITIES = {
+    "clip_tower": "transformers' CLIP vision tower (the method hooks its layers)",
+    "cls": "a [CLS] token in the vision tower (its attention ranks the patches)",
+}
+REQUIRES = {  # method name -> capabilities it needs; methods not listed run on every family
+    "tome": ("clip_tower",),
+    "prumerge": ("clip_tower", "cls"),
+    "prumerge_adaptive": ("clip_tower", "cls"),
+    "prumerge_plus": ("clip_tower", "cls"),
+    "visionzip": ("clip_tower", "cls"),
+}
+
 
 @dataclass(frozen=True)
 class Method:
@@ -97,3 +110,19 @@ def seeded_method(name: str, seed: int) -> Method:
     from compress.baselines.random import PerImageRandom
 
     return Method(name, "feature", PerImageRandom(seed))
+
+
+def needs(method: Method) -> tuple[str, ...]:
+    """The capabilities ``method`` needs; any vision-tower method (one registered later too) needs the CLIP tower."""
+    return REQUIRES.get(method.name, ("clip_tower",) if method.kind == "vision" else ())
+
+
+def check_applicable(method: Method, adapter) -> None:
+    """Refuse, by name, a method whose signal the adapter's family lacks (a [CLS]-ranked baseline on a tower without
+    [CLS]); the message lists the methods that do apply."""
+    missing = [c for c in needs(method) if c not in adapter.capabilities]
+    if missing:
+        usable = sorted(n for n, m in available_methods().items() if all(c in adapter.capabilities for c in needs(m)))
+        what = " and ".join(CAPABILITIES[c] for c in missing)
+        raise ValueError(f"method {method.name!r} needs {what}, which {adapter.family} ({adapter.model_dir}) does not "
+                         f"have; methods that apply: {', '.join(usable)}")

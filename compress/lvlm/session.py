@@ -23,9 +23,9 @@ import torch
 
 from compress.flops import llama_prefill_flops
 from compress.lvlm import decoder
-from compress.lvlm.base import EncodedImage, LVLMAdapter
+from compress.lvlm.base import EncodedImage, LVLMAdapter, reduced_positions
 from compress.lvlm.efficiency import TurnStats, clock, peak_memory_bytes, reset_peak_memory
-from compress.lvlm.methods import Method, get_method
+from compress.lvlm.methods import Method, check_applicable, get_method
 from compress.reduction import num_keep as budget
 
 HISTORY_MODES = ("model", "reference")
@@ -89,10 +89,18 @@ def prompt_embedding(adapter: LVLMAdapter, question: str) -> torch.Tensor:
 def reduce_image(adapter: LVLMAdapter, method: Method, rate: float | None, image,
                  prompt_embedding: torch.Tensor | None = None, fast=None) -> tuple[torch.Tensor, float, float,
                                                                                    EncodedImage]:
+    tokens, vision_s, reduce_s, encoded, _ = reduce_image_positions(adapter, method, rate, image, prompt_embedding,
+                                                                    fast)
+    return tokens, vision_s, reduce_s, encoded
+
+
+def reduce_image_positions(adapter: LVLMAdapter, method: Method, rate: float | None, image,
+                           prompt_embedding: torch.Tensor | None = None, fast=None) -> tuple:
     """One image (PIL, path, or an ``EncodedImage`` whose tokens the extract stage cached) -> (visual tokens for
     the LLM (k, d), vision seconds, reducer seconds, the encoded image). ``none`` and ``llm`` methods keep all of
     X_IMG (FastV prunes later, inside the LLM). ``prompt_embedding`` (d,): given to prompt-dependent reducers.
-    ``fast``: an ``Accelerator`` (its ``prepare`` / ``features`` / ``reduce``), or None for the eager path."""
+    ``fast``: an ``Accelerator`` (its ``prepare`` / ``features`` / ``reduce``), or None for the eager path.
+    ``reduce_image_positions`` also returns the tokens' ``VisualPositions`` (None for 1-D families)."""
     dev = adapter.device
     src = fast if fast is not None else adapter
     t0 = clock(dev)
@@ -105,19 +113,24 @@ def reduce_image(adapter: LVLMAdapter, method: Method, rate: float | None, image
         with torch.no_grad():
             count = None if method.adaptive else budget(prepared.layout.num_tokens, rate)
             tokens = adapter.encode_reduced_vision(method.fn, prepared, count, **method.options)
-        return tokens, t1 - t0, clock(dev) - t1, prepared
+        return tokens, t1 - t0, clock(dev) - t1, prepared, None
     encoded = image if cached else src.features(src.prepare(image))
     t1 = clock(dev)
+    full = adapter.visual_positions(encoded)
     if method.kind != "feature":
-        return encoded.tokens, t1 - t0, 0.0, encoded
+        return encoded.tokens, t1 - t0, 0.0, encoded, full
     options = method.options if prompt_embedding is None else {**method.options, "prompt_embedding": prompt_embedding}
     count = budget(encoded.tokens.shape[0], rate)
     tokens = fast.reduce(method.fn, encoded.tokens, count, encoded.layout) if fast is not None and not options \
         else None
+    positions = None
     if tokens is None:
         with torch.no_grad():
-            tokens = method.fn(encoded.tokens, count, encoded.layout, **options).tokens
-    return tokens.to(adapter.dtype), t1 - t0, clock(dev) - t1, encoded
+            reduction = method.fn(encoded.tokens, count, encoded.layout, **options)
+        tokens = reduction.tokens
+        if full is not None:
+            positions = reduced_positions(full, reduction, method.fn)
+    return tokens.to(adapter.dtype), t1 - t0, clock(dev) - t1, encoded, positions
 
 
 class BatchChatSession:
@@ -134,6 +147,10 @@ class BatchChatSession:
                  device_image: bool = False, fused_reducer: bool = False, max_cache_len: int | None = None):
         self.adapter = adapter
         self.method = get_method(method, compressor) if isinstance(method, str) else method
+        check_applicable(self.method, adapter)
+        if adapter.rope_dims != 1 and (static_cache or cuda_graphs or device_image or fused_reducer):
+            raise ValueError(f"{adapter.family} ({adapter.model_dir}) uses 3-D rotary positions, which the fast path "
+                             "(static_cache, cuda_graphs, device_image, fused_reducer) does not carry; run it eagerly")
         if self.method.kind != "none" and (rate is None or not 0.0 < rate < 1.0):
             raise ValueError(f"reduction rate must be in (0, 1) for method {self.method.name!r}, got {rate}")
         if history not in HISTORY_MODES:
@@ -161,13 +178,15 @@ class BatchChatSession:
     # --- image -------------------------------------------------------------------------------------------------
     def set_images(self, images: list) -> None:
         """Encode and reduce each dialogue's image once; starts new dialogues (empty history and cache)."""
-        self.encoded, self.image_tokens, self._first_cost = [], [], []
+        self.encoded, self.image_tokens, self._first_cost, self.image_positions = [], [], [], []
         # A prompt-dependent reducer waits for the first question (``ask``); until then the image holds all tokens.
         self._deferred = is_prompt_dependent(self.method)
         for image in images:
             method = get_method("full") if self._deferred else self.method
-            tokens, vision_s, reduce_s, enc = reduce_image(self.adapter, method, self.rate, image, fast=self.fast)
+            tokens, vision_s, reduce_s, enc, positions = reduce_image_positions(self.adapter, method, self.rate, image,
+                                                                                fast=self.fast)
             self.image_tokens.append(tokens)
+            self.image_positions.append(positions)
             self.encoded.append(enc)
             self._first_cost.append((vision_s, reduce_s))
         self.questions: list[list[str]] = [[] for _ in images]
@@ -191,16 +210,16 @@ class BatchChatSession:
             raise ValueError("history='reference' needs a reference answer for every dialogue at every turn")
         # per_turn: a prompt-dependent method re-decides on each new question over a fresh prefill of the history
         first = self.turn == 0 or (self.recompress == "per_turn" and self.method.kind == "llm")
-        image_tokens, first_cost = self.image_tokens, self._first_cost
+        image_tokens, first_cost, positions = self.image_tokens, self._first_cost, self.image_positions
         if self.turn == 0 and self._deferred:  # the first turn's question decides; the result serves every turn
-            image_tokens, first_cost = self._reduce_with(questions)
+            image_tokens, first_cost, positions = self._reduce_with(questions)
         new = []
         for b, q in enumerate(questions):  # all rows first: a bad question leaves the session unchanged
             seg = ad.segment_ids(self.questions[b] + [q], self.vqa)[-1]
             if self.turn == 0:
                 seg = expand_image(seg, ad.image_token_id, image_tokens[b].shape[0])
             new.append(self.pending[b] + seg)
-        self.image_tokens, self._first_cost = image_tokens, first_cost
+        self.image_tokens, self._first_cost, self.image_positions = image_tokens, first_cost, positions
         for b, ids_b in enumerate(new):
             self.fed[b] = self.fed[b] + ids_b
         rows = self.fed if first else new
@@ -222,7 +241,8 @@ class BatchChatSession:
         if self.static:
             logits = self.fast.prefill(self.state, embeds, new_mask, pruner, record)
         else:
-            hidden, _ = decoder.forward(lm, self.state, embeds, new_mask, pruner, record)
+            mrope = ad.rope_inputs(ids, new_mask, self.image_positions) if first else None
+            hidden, _ = decoder.forward(lm, self.state, embeds, new_mask, pruner, record, mrope)
             logits = ad.lm_head(hidden[:, -1]).float()
         t1 = clock(dev)
         if pruner is not None:
@@ -254,19 +274,20 @@ class BatchChatSession:
         self.turn += 1
         return results
 
-    def _reduce_with(self, questions: list[str]) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
+    def _reduce_with(self, questions: list[str]) -> tuple[list[torch.Tensor], list[tuple[float, float]], list]:
         """Reduce each encoded image with its first question's embedding -> (tokens per row, (vision_s, reduce_s)
-        per row; the embedding's time counts as the reducer's)."""
-        tokens, costs = [], []
+        per row; the embedding's time counts as the reducer's, positions per row)."""
+        tokens, costs, positions = [], [], []
         for enc, q, (vision_s, _) in zip(self.encoded, questions, self._first_cost):
             t0 = clock(self.adapter.device)
             query = prompt_embedding(self.adapter, q)
             embed_s = clock(self.adapter.device) - t0
-            reduced, _, reduce_s, _ = reduce_image(self.adapter, self.method, self.rate, enc, prompt_embedding=query,
-                                                   fast=self.fast)
+            reduced, _, reduce_s, _, pos = reduce_image_positions(self.adapter, self.method, self.rate, enc,
+                                                                  prompt_embedding=query, fast=self.fast)
             tokens.append(reduced)
             costs.append((vision_s, embed_s + reduce_s))
-        return tokens, costs
+            positions.append(pos)
+        return tokens, costs, positions
 
     def _decode(self, logits: torch.Tensor) -> list[list[int]]:
         """Greedy decoding from the prefill's last logits (B, V) -> answer ids per row, without the stop token.
@@ -352,17 +373,22 @@ def dialogue_ids(adapter: LVLMAdapter, num_image_tokens: int, turns: list[str], 
 
 
 def answer_logits_batch(adapter: LVLMAdapter, image_tokens: list[torch.Tensor], turns: list[list[str]],
-                        answers: list[list], vqa: bool = True) -> list[AnswerLogits]:
+                        answers: list[list], vqa: bool = True,
+                        image_positions: list | None = None) -> list[AnswerLogits]:
     """Teacher-forced forward of B dialogues (left-padded) in one pass, differentiable w.r.t. image_tokens[b]
     (m_b, d). answers[b][t]: a string or token ids; ids ending with a stop id (``TurnResult.target_ids``) make the
-    end-of-turn token a target as well (``dialogue_ids``)."""
+    end-of-turn token a target as well (``dialogue_ids``). ``image_positions[b]``: the ``VisualPositions`` of
+    image_tokens[b], required by 3-D rotary families (``reduced_positions``)."""
     ad, lm = adapter, adapter.language_model
+    if ad.rope_dims != 1 and (image_positions is None or len(image_positions) != len(image_tokens)):
+        raise ValueError(f"{ad.family} uses 3-D rotary positions: pass image_positions (one VisualPositions per "
+                         "dialogue, compress.lvlm.base.reduced_positions) with the image tokens")
     built = [dialogue_ids(ad, x.shape[0], q, a, vqa) for x, q, a in zip(image_tokens, turns, answers)]
     pad_id = ad.tokenizer.pad_token_id if ad.tokenizer.pad_token_id is not None else 0
     ids, mask = _left_pad([b[0] for b in built], pad_id, ad.device)
     embeds = ad.embed(ids, list(image_tokens))
     state = decoder.DecoderState.empty(lm, len(built), ad.device, use_cache=False)
-    hidden, _ = decoder.forward(lm, state, embeds, mask)
+    hidden, _ = decoder.forward(lm, state, embeds, mask, mrope=ad.rope_inputs(ids, mask, image_positions or []))
     out = []
     for b, (row, positions, turn_of) in enumerate(built):
         shift = ids.shape[1] - len(row)
@@ -373,6 +399,8 @@ def answer_logits_batch(adapter: LVLMAdapter, image_tokens: list[torch.Tensor], 
 
 
 def answer_logits(adapter: LVLMAdapter, image_tokens: torch.Tensor, turns: list[str], answers: list,
-                  vqa: bool = True) -> AnswerLogits:
-    """Teacher-forced logits at every answer token of one dialogue, given the reduced image tokens (m, d)."""
-    return answer_logits_batch(adapter, [image_tokens], [turns], [answers], vqa)[0]
+                  vqa: bool = True, image_positions=None) -> AnswerLogits:
+    """Teacher-forced logits at every answer token of one dialogue, given the reduced image tokens (m, d) (and, for a
+    3-D rotary family, their ``VisualPositions``)."""
+    return answer_logits_batch(adapter, [image_tokens], [turns], [answers], vqa,
+                               None if image_positions is None else [image_positions])[0]

@@ -23,6 +23,6 @@ def test_keeping_every_token_changes_no_answer(tmp_path):
 
     mt_shapes.generate_split(tmp_path, "test", 6, seed=3, progress=False)
     table = first_turn_accuracy("infra/reference/llava", tmp_path / "test" / "dialogues.jsonl", keep=144)
-    assert set(table) == {"all tokens", "object oracle", "asked objects only", "sample",
+    assert set(table) == {"all tokens", "object oracle", "asked objects only", "sample", "random",
                           "prompt attention (TPRL's teacher)"}
     assert all(by == table["all tokens"] for by in table.values())

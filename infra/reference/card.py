@@ -18,31 +18,65 @@ def write_model_card(summary: dict[str, Any], command: str, out: Path) -> None:
     (out / "MODEL_CARD.md").write_text(model_card(summary, command))
 
 
+def _recipe_lines(summary: dict[str, Any]) -> list[str]:
+    """What actually ran (``summary['ran']``, :func:`infra.reference.recipe.what_runs`); a summary from before
+    that record existed ran the whole MT-Shapes recipe."""
+    cfg = summary["config"]
+    ran = summary.get("ran", {"stage1": True, "attention_supervision": cfg.get("attention_weight", 0) > 0,
+                              "token_drop": "scene" if cfg.get("token_drop") else "none", "notes": []})
+    if ran["stage1"]:
+        stage1 = (f"- Stage 1: {cfg['stage1_steps']} steps (batch {cfg['stage1_batch']}, lr {cfg['stage1_lr']}) on "
+                  "dense per-patch labels (colour / shape / size / anchor / 3x3 region) from the MT-Shapes scenes.")
+    else:
+        stage1 = "- Stage 1 (vision pretraining on dense labels): **did not run** (no MT-Shapes scenes)."
+    scale = cfg.get("vision_lr_scale", 0.0)
+    tower = "tower frozen" if not scale else f"tower trained at {scale:g} x the lr"
+    if ran["attention_supervision"]:
+        attention = ("answer-only loss plus attention supervision (weight "
+                     f"{cfg.get('attention_weight', 0)}: two heads of the first layer gather the question's key "
+                     "words, " + ("two of the last fetch the patches of the objects the answer depends on"
+                                  if summary["family"] == "llava" else
+                                  "two of the second-to-last layer fetch the objects the answer depends on in the "
+                                  "base grid (the only tokens that know where they lie), two of the last the same "
+                                  "objects among the crop tokens") + ")")
+    else:
+        attention = "answer-only loss, **no attention supervision** (it needs MT-Shapes scenes)"
+    warm = ", projector warm-started from the stage-1 head" if ran["stage1"] else ""
+    drop = ran["token_drop"]
+    share = f"{cfg.get('token_drop', 0):.0%}"
+    if drop == "none":
+        drop_text = " No token drop."
+    elif drop.startswith("scene"):
+        drop_text = (f" {share} of the dialogues see only a random 10-100 % of their visual tokens (always those the "
+                     "answers depend on, from the scenes), so the decoder survives token reduction.")
+    else:
+        how = {"random": "a random 10-100 % of their visual tokens",
+               "pool": "their visual tokens averaged in runs of 2-10",
+               "mixed": "either a random 10-100 % of their visual tokens or their tokens averaged in runs of 2-10 "
+                        "(one of the two, by coin flip)"}[drop]
+        drop_text = (f" Generic token drop ({drop}, no generator metadata): {share} of the dialogues see {how}, "
+                     "compacted to new positions.")
+    lines = [stage1,
+             f"- Stage 2: {cfg['stage2_steps']} steps (batch {cfg['stage2_batch']}, lr {cfg['stage2_lr']}, {tower}) "
+             f"on whole dialogues, {attention}{warm}, decoder init std 1/sqrt(width).{drop_text}"]
+    if ran["notes"]:
+        lines += ["- Logged by the build: " + "; ".join(ran["notes"])]
+    return lines
+
+
 def model_card(summary: dict[str, Any], command: str) -> str:
-    """A short MODEL_CARD.md from a :func:`build_reference` summary: recipe, command, times, accuracy per turn."""
+    """A short MODEL_CARD.md from a :func:`build_reference` summary: what ran, command, times, accuracy per turn and
+    per type against the same model's blind accuracy (blank images)."""
     cfg = summary["config"]
     cls = "LlavaForConditionalGeneration" if summary["family"] == "llava" else "LlavaNextForConditionalGeneration"
-    lines = [f"# Reference {summary['family']} (MT-Shapes)", "",
+    lines = [f"# Reference {summary['family']} ({summary.get('data_name') or summary['dialogues']})", "",
              f"Small `{cls}`"
              f" (CLIP vision tower, Llama decoder), {summary['parameters']:,} parameters, trained from scratch by "
              "`infra/reference/recipe.py`; weights saved in fp16.", "",
-             "## Recipe",
+             "## Recipe (what ran)",
              f"- Vision tower: {cfg['vision_layers']} layers x {cfg['vision_hidden']}, {cfg['patch_size']} px patches; "
              f"decoder: {cfg['text_layers']} layers x {cfg['text_hidden']}.",
-             f"- Stage 1: {cfg['stage1_steps']} steps (batch {cfg['stage1_batch']}, lr {cfg['stage1_lr']}) on dense "
-             "per-patch labels (colour / shape / size / anchor / 3x3 region).",
-             f"- Stage 2: {cfg['stage2_steps']} steps (batch {cfg['stage2_batch']}, lr {cfg['stage2_lr']}, "
-             "tower frozen) "
-             "on whole dialogues, answer-only loss plus attention supervision (weight "
-             f"{cfg.get('attention_weight', 0)}: two heads of the first layer gather the question's key words, "
-             + ("two of the last fetch the patches of the objects the answer depends on"
-                if summary["family"] == "llava" else
-                "two of the second-to-last layer fetch the objects the answer depends on in the base grid (the "
-                "only tokens that know where they lie), two of the last the same objects among the crop tokens")
-             + "), projector warm-started from the stage-1 head, decoder init std 1/sqrt(width)."
-             + (f" {cfg['token_drop']:.0%} of the dialogues see only a random 10-100 % of their visual tokens (always "
-                "those the answers depend on), so the decoder survives token reduction."
-                if cfg.get("token_drop") else ""),
+             *_recipe_lines(summary),
              f"- Training dialogues: {summary['train_dialogues']} from `{summary['dialogues']}`.", "",
              "## Command", "```", command, "```", "",
              f"Wall time: {summary['train_s'] / 60:.1f} min training on {summary['device']} "
@@ -50,12 +84,21 @@ def model_card(summary: dict[str, Any], command: str) -> str:
     test = summary.get("test")
     if test:
         turns = [k for k in test if k.startswith("Acc_")]
-        lines += [f"## Accuracy (MT-Shapes test, {test['n']} dialogues, greedy, own answers in the history)", "",
+        blind = "blind_avg" in test
+        lines += [f"## Accuracy (test, {test['n']} dialogues, greedy, own answers in the history)", "",
                   "| " + " | ".join(turns + ["Avg"]) + " |", "|" + "---|" * (len(turns) + 1),
-                  "| " + " | ".join(f"{test[k]:.1f}" for k in turns + ["Avg"]) + " |", "",
-                  "| type | accuracy | chance (majority answer) |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.1f} | {test.get('chance_by_type', {}).get(k, float('nan')):.1f} |"
-                  for k, v in test["by_type"].items()]
+                  "| " + " | ".join(f"{test[k]:.1f}" for k in turns + ["Avg"]) + " |", ""]
+        if blind:
+            lines += [f"Blind (the same model, every image a uniform grey one of its size): Avg "
+                      f"{test['blind_avg']:.1f}.", "",
+                      "| type | accuracy | chance (same model, blank images) | majority answer |", "|---|---|---|---|"]
+            majority = test.get("majority_by_type", {})
+            lines += [f"| {k} | {v:.1f} | {test['chance_by_type'].get(k, float('nan')):.1f} | "
+                      f"{majority.get(k, float('nan')):.1f} |" for k, v in test["by_type"].items()]
+        else:
+            lines += ["| type | accuracy | chance (majority answer) |", "|---|---|---|"]
+            lines += [f"| {k} | {v:.1f} | {test.get('chance_by_type', {}).get(k, float('nan')):.1f} |"
+                      for k, v in test["by_type"].items()]
     curve = [r for r in summary.get("stage2_curve", []) if "eval" in r]
     if curve:
         lines += ["", "## Curve (200 test dialogues)", "", "| step | minutes | Avg |", "|---|---|---|"]

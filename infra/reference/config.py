@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 FAMILIES = ("llava", "llava_next")
+TOKEN_DROP_MODES = ("auto", "scene", "random", "pool", "mixed")
 # The label of positions (tokens, patches) that no loss counts: the cross-entropies' ignore_index.
 IGNORE = -100
 
@@ -47,6 +48,10 @@ class RecipeConfig:
     # tokens their answers depend on (:func:`drop_image_tokens`), so the decoder does not read the scene from token
     # positions that any pre-LLM reducer moves. 0: off.
     token_drop: float = 0.0
+    # Which drop: "auto" (the scene drop where a dialogue has MT-Shapes targets, else the generic one, mixed),
+    # "scene" (only the scene drop: dialogues without targets keep every token), or a generic one for every dialogue
+    # ("random", "pool", "mixed"; :mod:`infra.reference.token_drop`), which needs no generator metadata.
+    token_drop_mode: str = "auto"
     weight_decay: float = 0.01
     seed: int = 0
     max_train: int | None = None
@@ -57,6 +62,8 @@ class RecipeConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.token_drop_mode not in TOKEN_DROP_MODES:
+            raise ValueError(f"token_drop_mode must be one of {TOKEN_DROP_MODES}, got {self.token_drop_mode!r}")
         if self.tile_size % self.patch_size:
             raise ValueError(f"the tile side {self.tile_size} must be a multiple of patch_size {self.patch_size}")
 

@@ -1,5 +1,5 @@
-"""Evaluation of a built reference model: multi-turn exact-match accuracy per turn and per question type, and the
-chance level of the majority answer per type."""
+"""Evaluation of a built reference model: multi-turn exact-match accuracy per turn and per question type, the same
+with blank images (the model's blind chance), and the majority answer's accuracy per type."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 
 from infra.reference.chat import render_dialogue
 
+BLANK = (128, 128, 128)  # the blank image's colour: mid grey, no object, no background hue
+
 
 def answer_of(text: str) -> str:
     """The first word of a generated answer (the reference models answer in one word)."""
@@ -17,10 +19,12 @@ def answer_of(text: str) -> str:
 
 
 def evaluate(model, processor, dialogues: Sequence[Any], batch_size: int = 32, device: str = "cpu",
-             max_new_tokens: int = 3) -> dict[str, Any]:
+             max_new_tokens: int = 3, blank: bool = False) -> dict[str, Any]:
     """Multi-turn exact-match accuracy with the model's own answers in the history (greedy ``generate``, full
     image). Returns ``per_turn_accuracy`` (Acc_1..Acc_T, Avg in percent) plus ``by_type`` (percent per
-    ``turn.meta['type']`` when present) and ``n``."""
+    ``turn.meta['type']`` when present) and ``n``. ``blank``: every image replaced by a uniform grey one of its
+    size, so the scores are what the model reaches blind: the chance level of that model on those questions,
+    priors over the question's words included (a majority answer per type ignores them)."""
     import torch
     from PIL import Image
 
@@ -35,7 +39,7 @@ def evaluate(model, processor, dialogues: Sequence[Any], batch_size: int = 32, d
         images = []
         for d in chunk:
             with Image.open(d.image) as im:
-                images.append(im.convert("RGB"))
+                images.append(Image.new("RGB", im.size, BLANK) if blank else im.convert("RGB"))
         history: list[list[tuple[str, str | None]]] = [[] for _ in chunk]
         for t in range(max(len(d.turns) for d in chunk)):
             live = [b for b, d in enumerate(chunk) if t < len(d.turns)]

@@ -18,7 +18,9 @@ end to end from answer tokens alone is what is slow (a naive recipe stayed at ch
    std (0.02, made for widths of thousands), the decoder sat at chance for thousands of steps; with both, it
    leaves chance within a few hundred. With ``token_drop`` a share of the dialogues sees only some of its visual
    tokens (always those the answers depend on), so the decoder does not read the scene from token positions, which
-   every reducer before the LLM moves.
+   every reducer before the LLM moves. On data without MT-Shapes scenes stage 1 and the attention supervision are
+   skipped (one logged line each, :func:`what_runs`) and the token drop is the generic one
+   (:mod:`infra.reference.token_drop`: random or pooled removal, no metadata needed).
 
 Evaluation (:func:`evaluate`) is the multi-turn protocol: greedy ``generate`` with the full image, the model's own
 answers in the history, exact match per turn. Everything is saved as a plain local HF directory that
@@ -57,14 +59,46 @@ def save_half(model, out: Path) -> None:
     model.to(torch.float32)
 
 
+def what_runs(cfg: RecipeConfig, scene_dialogues: int, dialogues: str | Path) -> dict[str, Any]:
+    """Which parts of the recipe run, given ``scene_dialogues`` training dialogues with MT-Shapes scenes, and one
+    line per part skipped or replaced, for the log and the model card (issue 16, item 4: never silently)."""
+    notes: list[str] = []
+    scenes = scene_dialogues > 0
+    where = f"no MT-Shapes scenes.jsonl beside {dialogues}" if not scenes else ""
+    stage1 = scenes and cfg.stage1_steps > 0
+    if not scenes and cfg.stage1_steps > 0:
+        notes.append(f"skipped: stage 1 (vision pretraining on dense per-patch labels): {where}; the vision tower "
+                     "learns from the answers in stage 2 instead (lr scale 1.0)")
+    attention = scenes and cfg.attention_weight > 0
+    if not scenes and cfg.attention_weight > 0:
+        notes.append(f"skipped: attention supervision (weight {cfg.attention_weight}): {where}; stage 2 learns from "
+                     "the answer loss alone")
+    drop = "none"
+    if cfg.token_drop > 0:
+        if cfg.token_drop_mode in ("random", "pool", "mixed"):
+            drop = cfg.token_drop_mode
+        elif scenes:
+            drop = "scene" if cfg.token_drop_mode == "scene" else "scene (generic mixed where a dialogue has none)"
+        elif cfg.token_drop_mode == "scene":
+            notes.append(f"skipped: token drop (--token-drop-mode scene): {where}; every dialogue keeps all its "
+                         "visual tokens")
+        else:
+            drop = "mixed"
+            notes.append(f"replaced: the scene token drop needs MT-Shapes scenes ({where}); the generic drop "
+                         f"(random or pooled removal) thins {cfg.token_drop:.0%} of the dialogues instead")
+    return {"stage1": stage1, "attention_supervision": attention, "token_drop": drop,
+            "scene_dialogues": scene_dialogues, "notes": notes}
+
+
 def build_reference(family: str, out: str | Path, dialogues: str | Path, eval_dialogues: str | Path | None = None,
                     cfg: RecipeConfig | None = None, device: str = "cpu", threads: int | None = None,
                     eval_limit: int | None = None, eval_every: int = 0,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train a reference model on ``dialogues`` (a dialogues.jsonl) and save model + processor to ``out``.
 
-    Stage 1 runs when MT-Shapes ``scenes.jsonl`` sits next to the dialogue file (else it is skipped and the tower
-    learns only in stage 2 at ``vision_lr_scale`` or 1.0). ``eval_dialogues`` (e.g. the test split) is scored
+    Stage 1 and the attention supervision run when MT-Shapes ``scenes.jsonl`` sits next to the dialogue file (else
+    they are skipped, with a line in the log and the card, and the tower learns in stage 2 at ``vision_lr_scale``
+    or 1.0; :func:`what_runs`). ``eval_dialogues`` (e.g. the test split) is scored
     at the end with :func:`evaluate`. Returns a summary (config, times, curves, accuracy) also written to
     ``out/recipe_summary.json``.
     """
@@ -97,11 +131,16 @@ def build_reference(family: str, out: str | Path, dialogues: str | Path, eval_di
     scenes = scenes_for(dialogues)
     items = [(d.image, scenes[d.meta.get("scene_id", d.dialogue_id)]) for d in train
              if d.meta.get("scene_id", d.dialogue_id) in scenes]
-    if items and cfg.stage1_steps > 0:
+    summary["ran"] = what_runs(cfg, len(items), dialogues)
+    summary["data_name"] = "MT-Shapes" if items else None
+    for line in summary["ran"]["notes"]:
+        log(line)
+    if summary["ran"]["stage1"]:
         summary["stage1_curve"], head = pretrain_vision(model, processor, items, cfg, log, device)
         warm_start_projector(model, head)
     elif cfg.vision_lr_scale == 0:
         cfg.vision_lr_scale = 1.0  # no dense labels: the tower must learn from the answers
+    summary["config"]["vision_lr_scale"] = cfg.vision_lr_scale
     summary["stage1_s"] = time.time() - t0
     test = load_dialogues(eval_dialogues)[:eval_limit] if eval_dialogues else []
     evaluate_fn = (lambda m, step: evaluate(m, processor, test[:200], device=device)) if test else None
@@ -113,7 +152,10 @@ def build_reference(family: str, out: str | Path, dialogues: str | Path, eval_di
     if test:
         t2 = time.time()
         summary["test"] = evaluate(model, processor, test, device=device)
-        summary["test"]["chance_by_type"] = chance_accuracy(train, test)
+        summary["test"]["majority_by_type"] = chance_accuracy(train, test)
+        blind = evaluate(model, processor, test, device=device, blank=True)
+        summary["test"]["chance_by_type"] = blind["by_type"]  # the same model, blank images
+        summary["test"]["blind_avg"] = blind["Avg"]
         summary["eval_s"] = time.time() - t2
         log("test " + json.dumps(summary["test"]))
     model.to("cpu")

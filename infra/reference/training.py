@@ -14,6 +14,7 @@ from typing import Any
 
 from infra.reference.config import IGNORE, RecipeConfig
 from infra.reference.targets import HEAD_GROUPS, SUPERVISED_HEADS, dialogue_example, thin_tokens, vision_example
+from infra.reference.token_drop import generic_drop
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -226,13 +227,14 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
 def forward_kept(model, inputs: dict[str, Any], kept: Sequence[Any], **kwargs):
     """``model(**inputs)`` where dialogue b's prompt holds only the image tokens ``kept[b]`` (indices into the
-    features its image gives): the tower and projector run on the whole image, the kept features fill the image
-    positions of ``inputs_embeds``."""
+    features its image gives, or a (k, n) matrix mixing them: :mod:`infra.reference.token_drop`): the tower and
+    projector run on the whole image, the kept features fill the image positions of ``inputs_embeds``."""
     import torch
 
     extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
     features = model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra).pooler_output
-    rows = torch.cat([f[k.to(f.device)] for f, k in zip(features, kept)])
+    rows = torch.cat([f[k.to(f.device)] if not k.is_floating_point() else k.to(f.device, f.dtype) @ f
+                      for f, k in zip(features, kept)])
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     mask = (inputs["input_ids"] == model.config.image_token_id)[..., None]
     embeds = embeds.masked_scatter(mask, rows.to(embeds.dtype))
@@ -252,6 +254,20 @@ def warm_start_projector(model, head) -> None:
     with torch.no_grad():
         lin.weight[:k] = head.weight.to(lin.weight.dtype)
         lin.bias[:k] = head.bias.to(lin.bias.dtype)
+
+
+def _drop(ex: dict[str, Any], cfg: RecipeConfig, rng: random.Random, image_id: int) -> dict[str, Any]:
+    """One example after the token drop of ``cfg.token_drop_mode`` (see :class:`RecipeConfig`). With scene
+    targets and mode ``auto`` / ``scene``, the scene drop (one draw per example, as before the generic drop existed:
+    builds where every dialogue has targets are unchanged); else the generic one."""
+    mode = cfg.token_drop_mode
+    if mode in ("auto", "scene") and "attn_pos" in ex:
+        return thin_tokens(ex, rng, image_id) if rng.random() < cfg.token_drop else ex
+    if mode == "scene":
+        return ex
+    if rng.random() >= cfg.token_drop:
+        return ex
+    return generic_drop(ex, rng, image_id, "mixed" if mode == "auto" else mode)
 
 
 def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfig,
@@ -294,8 +310,7 @@ def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfi
                 cache[i] = dialogue_example(dialogues[i], processor, scene, cfg)
         examples = [cache[i] for i in idx]
         if cfg.token_drop > 0:
-            examples = [thin_tokens(e, drop_rng, image_id) if "attn_pos" in e and drop_rng.random() < cfg.token_drop
-                        else e for e in examples]
+            examples = [_drop(e, cfg, drop_rng, image_id) for e in examples]
         batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
         for gr in opt.param_groups:
             gr["lr"] = cfg.stage2_lr * gr["scale"] * _schedule(step, cfg.stage2_steps, cfg.warmup)

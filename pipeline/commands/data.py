@@ -1,6 +1,7 @@
 """``metacompress data ...``: build the benchmarks as ``dialogues.jsonl`` files (docs/design.md §3).
 
     metacompress data mt-shapes --out DIR --dialogues N --seed S [--image-size 96] [--aspect 1|W:H|random]
+    metacompress data mt-focus --out DIR --dialogues N --seed S [--image-size 96] [--aspect 1|W:H|random]
     metacompress data mt-vqa-v2 --questions F --annotations F --images DIR --out DIR
     metacompress data mt-gqa --questions F --images DIR --out DIR
     metacompress data convbench --table ConvBench.xlsx [--reference OLD_ConvBench.xlsx] --images DIR --out DIR
@@ -44,6 +45,18 @@ def _mt_shapes(args: argparse.Namespace) -> dict[str, Any]:
         multiple=args.multiple, min_objects=args.min_objects, max_objects=args.max_objects)
     counts = mt_shapes.generate(out, args.dialogues, args.seed, cfg, val=args.val, test=args.test, turns=args.turns,
                                 progress=not args.quiet)
+    return {"out": str(out), "counts": counts}
+
+
+def _mt_focus(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.datasets import mt_focus, mt_shapes
+
+    out = Path(args.out)
+    _refuse_overwrite([out / s / "dialogues.jsonl" for s in mt_shapes.SPLITS], args.overwrite)
+    cfg = mt_focus.MTFocusConfig(
+        image_size=args.image_size, aspect=mt_shapes.parse_aspect(args.aspect),
+        aspects=mt_shapes.parse_aspects(args.aspects) if args.aspects else mt_shapes.DEFAULT_ASPECTS)
+    counts = mt_focus.generate(out, args.dialogues, args.seed, cfg, val=args.val, test=args.test, turns=args.turns)
     return {"out": str(out), "counts": counts}
 
 
@@ -154,7 +167,8 @@ def _common_builder_options(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``data`` command and its sub-commands. Each sets ``func`` (called as ``args.func(args)``)."""
-    data = subparsers.add_parser("data", help="build benchmark dialogues (MT-Shapes, MT-VQA-v2, MT-GQA, ConvBench)")
+    data = subparsers.add_parser("data",
+                                 help="build benchmark dialogues (MT-Shapes, MT-Focus, MT-VQA-v2, MT-GQA, ConvBench)")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     p = sub.add_parser("mt-shapes", help="generate MT-Shapes train/val/test splits")
@@ -175,6 +189,22 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_printed(_mt_shapes))
+
+    p = sub.add_parser("mt-focus", help="generate MT-Focus train/val/test splits (few objects, plain backgrounds, "
+                                         "every turn about one object)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dialogues", type=at_least_one, required=True,
+                   help="total dialogues over all splits (default split: 80/10/10 %%)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val", type=int, default=None, help="validation dialogues (default 10 %% of --dialogues)")
+    p.add_argument("--test", type=int, default=None, help="test dialogues (default 10 %% of --dialogues)")
+    p.add_argument("--turns", type=at_least_one, default=3)
+    p.add_argument("--image-size", type=at_least_one, default=96, help="side of a square image in pixels (default 96)")
+    p.add_argument("--aspect", default="1", help="width:height (e.g. 3:2 or 1.5), or 'random' (one per scene)")
+    p.add_argument("--aspects", nargs="+", default=None,
+                   help="choices for --aspect random (default 1:2 2:3 1:1 3:2 2:1)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_printed(_mt_focus))
 
     p = sub.add_parser("mt-vqa-v2", help="VQA-v2 val questions + annotations + COCO images -> dialogues")
     p.add_argument("--questions", required=True, help="v2_OpenEnded_mscoco_val2014_questions.json")

@@ -37,6 +37,7 @@ def _build(args: argparse.Namespace) -> int:
                        stage2_batch=args.batch, stage2_lr=args.lr, max_train=args.max_train,
                        text_layers=args.text_layers,
                        attention_weight=args.attention_weight, token_drop=args.token_drop,
+                       token_drop_mode=args.token_drop_mode,
                        vision_hidden=args.vision_hidden, log_every=args.log_every)
     if args.device == "cuda":
         import torch
@@ -83,10 +84,16 @@ def register(subparsers) -> None:
     b.add_argument("--batch", type=at_least_one, default=16)
     b.add_argument("--lr", type=float, default=1e-3, help="stage-2 learning rate (see RecipeConfig.stage2_lr)")
     b.add_argument("--attention-weight", type=float, default=1.0,
-                   help="weight of the attention supervision on MT-Shapes (where each answer should look); 0: off")
+                   help="weight of the attention supervision on MT-Shapes (where each answer should look); 0: off. "
+                        "Skipped, with a note, on data without MT-Shapes scenes")
     b.add_argument("--token-drop", type=_share, default=0.0,
-                   help="share of MT-Shapes training dialogues whose visual tokens are thinned to a random 10-100 %% "
-                        "(the ones their answers depend on always kept), so the model survives token reduction")
+                   help="share of training dialogues whose visual tokens are thinned, so the model survives token "
+                        "reduction: on MT-Shapes to a random 10-100 %% always keeping those the answers depend on, "
+                        "elsewhere by the generic drop (see --token-drop-mode)")
+    b.add_argument("--token-drop-mode", choices=["auto", "scene", "random", "pool", "mixed"], default="auto",
+                   help="auto: the MT-Shapes drop where a dialogue has scene targets, else the generic one (random "
+                        "or pooled removal of visual tokens, any data); scene: MT-Shapes only; random / pool / "
+                        "mixed: the generic drop for every dialogue")
     b.add_argument("--text-layers", type=int, default=3)
     b.add_argument("--vision-hidden", type=int, default=64)
     b.add_argument("--max-train", type=int, default=None, help="use only the first N training dialogues")

@@ -13,7 +13,8 @@ import pyarrow.ipc as paipc
 import pyarrow.parquet as pq
 
 from pipeline.hashing import _json_default
-from pipeline.tensor_columns import TAG, _logical_dtypes, records_to_table, table_to_records
+from pipeline.tensor_columns import (TAG, _logical_dtypes, pack_tensor_columns, records_to_table, table_to_records,
+                                     unpack_tensor_columns)
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -91,7 +92,8 @@ def _encode(table: pa.Table, fmt: str, shard: int) -> bytes:
     if fmt == "parquet":
         # zstd: the teacher's int32 ids have mostly-zero high bytes. Dictionaries and statistics of float
         # tensors only add bytes (measured: 384 -> 256 B per answer token at k=64).
-        pq.write_table(table, sink, compression="zstd", write_statistics=False, use_dictionary=False)
+        pq.write_table(pack_tensor_columns(table), sink, compression="zstd", write_statistics=False,
+                       use_dictionary=False)
     else:  # arrow IPC, uncompressed so that memory-mapped reads are zero-copy
         with paipc.new_file(sink, table.schema) as w:
             w.write_table(table)
@@ -99,8 +101,8 @@ def _encode(table: pa.Table, fmt: str, shard: int) -> bytes:
 
 
 def _decode(buf: pa.Buffer, fmt: str) -> pa.Table:
-    if fmt == "parquet":
-        return pq.read_table(pa.BufferReader(buf))
+    if fmt == "parquet":  # shards written before tensor columns were packed read as they are
+        return unpack_tensor_columns(pq.read_table(pa.BufferReader(buf)))
     if fmt == "arrow":
         return paipc.open_file(buf).read_all()
     with tarfile.open(fileobj=io.BytesIO(buf.to_pybytes()), mode="r:") as tar:

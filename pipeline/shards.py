@@ -9,9 +9,12 @@ Directory contract (docs/design.md §3)::
     _manifest.json            every shard with rows, size and sha256 (written by ``finish``)
     _SUCCESS                  the stage is complete (written last by ``finish``)
 
-A shard counts as done only when its sidecar matches its bytes, so a crash at any point leaves either a done
-shard or one that ``missing_shards`` reports for recomputation. Nothing valid is replaced: rewriting a valid
-shard with different bytes raises, and only ``prepare(overwrite=True)`` deletes outputs.
+A shard counts as done when its sidecar matches this run and its size; the shard is published before its sidecar,
+so a crash at any point leaves either a done shard or one that ``missing_shards`` reports for recomputation. That
+check reads no shard bytes, so a re-run costs O(number of shards) whatever the cache size (docs/design.md §3); the
+content (sha256) is checked by every consumer as it reads a shard, and in full with ``verify`` (``metacompress run
+--verify``). Nothing valid is replaced: rewriting a valid shard with different bytes raises, and only
+``prepare(overwrite=True)`` deletes outputs.
 
 Tensor columns and formats: ``pipeline.tensor_columns`` and ``pipeline.shard_formats``.
 """
@@ -83,10 +86,11 @@ class StageOutput:
     workers ``write_shard`` for each index in ``missing_shards(n)``, the driver ``finish(n)``."""
 
     def __init__(self, uri: str, stage: str, config_hash: str, input_hash: str, fmt: str = "parquet",
-                 filesystem: pafs.FileSystem | None = None):
+                 filesystem: pafs.FileSystem | None = None, verify: bool = False):
         if fmt not in FORMATS:
             raise ValueError(f"unknown shard format {fmt!r} for stage {stage}; choose one of {sorted(FORMATS)}")
         self.uri, self.stage, self.config_hash, self.input_hash, self.fmt = uri, stage, config_hash, input_hash, fmt
+        self.verify = verify  # default of missing_shards / finish: also hash every shard's bytes
         self.fs, self.root = (filesystem, uri.rstrip("/")) if filesystem is not None else resolve_uri(uri)
         self._config_checked = False
 
@@ -182,14 +186,22 @@ class StageOutput:
         self._config_checked = True
 
     # shards
-    def _check(self, i: int) -> tuple[str | None, pa.Buffer | None]:
-        """(None, bytes) when shard ``i`` matches its sidecar, else (reason, None)."""
+    def _check(self, i: int, verify: bool = True) -> tuple[str | None, pa.Buffer | None]:
+        """(None, bytes) when shard ``i`` matches its sidecar, else (reason, None). Without ``verify`` only the
+        sidecar and the file's size are checked and no shard byte is read: (None, None) when they match."""
         name = self.shard_name(i)
         side = self._read_json(name + ".json")
         if side is None:
             return f"{name}: no readable sidecar", None
         if err := self._mismatch(side, name + ".json"):
             return str(err), None
+        if not verify:
+            info = self.fs.get_file_info(self._path(name))
+            if info.type != pafs.FileType.File:
+                return f"{name}: missing", None
+            if info.size != side.get("size"):
+                return f"{name}: {info.size} bytes, its sidecar says {side.get('size')} (truncated or altered)", None
+            return None, None
         try:
             with self.fs.open_input_file(self._path(name)) as f:
                 buf = f.read_buffer()
@@ -214,14 +226,30 @@ class StageOutput:
         reader = paipc.open_file(buf)
         return sum(reader.get_batch(b).num_rows for b in range(reader.num_record_batches))
 
-    def is_valid(self, i: int) -> bool:
-        return self._check(i)[0] is None
+    def is_valid(self, i: int, verify: bool = True) -> bool:
+        return self._check(i, verify)[0] is None
 
-    def missing_shards(self, n: int) -> list[int]:
-        """Indices in ``range(n)`` whose shard is missing, corrupt, or has no matching sidecar."""
+    def missing_shards(self, n: int, verify: bool | None = None) -> list[int]:
+        """Indices in ``range(n)`` whose shard is missing, has no matching sidecar, or differs from it in size
+        (``verify``, default ``self.verify``: or in sha256, reading every shard)."""
+        verify = self.verify if verify is None else verify
+        if not verify and (finished := self._missing_from_manifest(n)) is not None:
+            return finished
         with ThreadPoolExecutor(max_workers=min(8, max(1, n))) as pool:
-            ok = list(pool.map(self.is_valid, range(n)))
+            ok = list(pool.map(lambda i: self.is_valid(i, verify), range(n)))
         return [i for i in range(n) if not ok[i]]
+
+    def _missing_from_manifest(self, n: int) -> list[int] | None:
+        """For a finished stage of ``n`` shards: the shards whose file or sidecar is gone or whose size differs from
+        the manifest, from one directory listing (a re-run's cost does not grow with shard sizes; writing a shard
+        removes ``_SUCCESS``, so a finished stage's sidecars are the manifest's). None when not finished."""
+        manifest = self.manifest()
+        if manifest is None or manifest.get("num_shards") != n or not self.is_complete():
+            return None
+        sizes = {info.base_name: info.size for info in
+                 self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))}
+        return [i for i, s in enumerate(manifest["shards"])
+                if sizes.get(s["shard"]) != s["size"] or s["shard"] + ".json" not in sizes]
 
     def write_shard(self, i: int, data: pa.Table | list[dict]) -> dict:
         """Publish shard ``i`` (shard first, then its sidecar; each via a temporary name). Returns the sidecar.
@@ -247,7 +275,8 @@ class StageOutput:
         if validate:
             reason, buf = self._check(i)
             if reason:
-                raise CorruptShard(f"{self.uri}: {reason}; re-run the stage to recompute it")
+                raise CorruptShard(f"{self.uri}: {reason}; re-run the stage with --verify "
+                                   "(shards.verify: true) to recompute it")
         else:
             with self.fs.open_input_file(self._path(self.shard_name(i))) as f:
                 buf = f.read_buffer()
@@ -257,11 +286,14 @@ class StageOutput:
         return table_to_records(self.read_shard(i, validate))
 
     # completion
-    def finish(self, n: int) -> dict:
-        """Write ``_manifest.json`` then ``_SUCCESS``; raises when any of the ``n`` shards is not valid."""
-        if missing := self.missing_shards(n):
+    def finish(self, n: int, verify: bool | None = None) -> dict:
+        """Write ``_manifest.json`` then ``_SUCCESS``; raises when any of the ``n`` shards is missing
+        (``missing_shards(n, verify)``). The manifest is built from the sidecars: no shard byte is read."""
+        if missing := self.missing_shards(n, verify):
             raise CorruptShard(f"{self.uri}: cannot finish stage {self.stage}, shards {missing} are missing or "
                                "corrupt; re-run the stage to compute them")
+        if (done := self.manifest()) is not None and done.get("num_shards") == n and self.is_complete():
+            return done  # finished, and no shard written since (writing one removes _SUCCESS)
         shards = [self._read_json(self.shard_name(i) + ".json") for i in range(n)]
         manifest = {**self._identity(), "num_shards": n, "rows": sum(s["rows"] for s in shards),
                     "shards": [{k: s[k] for k in ("shard", "rows", "size", "sha256")} for s in shards]}
@@ -273,12 +305,12 @@ class StageOutput:
         return self._read_json("_manifest.json")
 
     def is_complete(self, deep: bool = False) -> bool:
-        """``_SUCCESS`` and the manifest match this run (``deep``: and every listed shard validates)."""
+        """``_SUCCESS`` and the manifest match this run (``deep``: and every listed shard's bytes match its sha256)."""
         success, manifest = self._read_json("_SUCCESS"), self.manifest()
         if success is None or manifest is None or self._mismatch(success, "_SUCCESS") or \
                 self._mismatch(manifest, "_manifest.json"):
             return False
-        return not deep or not self.missing_shards(manifest["num_shards"])
+        return not deep or not self.missing_shards(manifest["num_shards"], verify=True)
 
     # errors
     def record_error(self, record_id: str, reason: str, **extra: Any) -> None:

@@ -145,6 +145,23 @@ def teacher_targets(logprobs: list, ids: list, tail_logmass: list) -> dict[str, 
     return out
 
 
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, d) floats -> (int8 (n, d), float32 scale (n,)): symmetric per token, ``x ~ q * scale`` with
+    ``scale = max |x_row| / 127``, so each value is off by at most ``scale / 2`` (docs/design.md §3)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"quantize_int8: expected an (n, d) array, got shape {x.shape}")
+    scale = np.abs(x).max(axis=1) / 127.0 if x.size else np.zeros(x.shape[0], np.float32)
+    safe = np.where(scale > 0, scale, 1.0)[:, None]
+    q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Inverse of ``quantize_int8``: float32 (n, d)."""
+    return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[:, None]
+
+
 # ---------------------------------------------------------------- records <-> tables
 
 def records_to_table(records: list[dict]) -> pa.Table:
@@ -178,9 +195,81 @@ def _tensor_field(field: pa.Field) -> bool:
 
 def table_to_records(table: pa.Table) -> list[dict]:
     """Inverse of ``records_to_table``; tensor columns come back as numpy views."""
+    table = unpack_tensor_columns(table)
     cols = {f.name: arrow_to_nested(table.column(f.name)) if _tensor_field(f) else table.column(f.name).to_pylist()
             for f in table.schema}
     return [{k: v[j] for k, v in cols.items()} for j in range(table.num_rows)]
+
+
+# ---------------------------------------------------------------- Parquet storage of 2-d tensor columns
+# Parquet writes a definition and a repetition level for every value of a nested list, which doubles the bytes of a
+# feature column and makes writing ~10x slower than the data (docs/design.md §3, measured by `bench scale`). A
+# ``list<fixed_size_list<T, d>>`` column is therefore stored as ``large_binary``, one cell per record holding the
+# row-major bytes of its (n, d) array, tagged with its width and Arrow value type; reading rebuilds the nested
+# column over the same buffer (no copy).
+WIDTH = b"tensor_width"
+VALUE_TYPE = b"tensor_value_type"
+
+
+def _packable(field: pa.Field) -> bool:
+    t = field.type
+    return (pa.types.is_list(t) and pa.types.is_fixed_size_list(t.value_type)
+            and pa.types.is_primitive(t.value_type.value_type) and t.value_type.value_type.bit_width % 8 == 0)
+
+
+def pack_tensor_columns(table: pa.Table) -> pa.Table:
+    """Each ``list<fixed_size_list<T, d>>`` column -> ``large_binary`` (see above); other columns unchanged."""
+    cols, fields = [], []
+    for field, col in zip(table.schema, table.columns):
+        if not _packable(field):
+            cols.append(col)
+            fields.append(field)
+            continue
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        d, value_type = field.type.value_type.list_size, field.type.value_type.value_type
+        width = value_type.bit_width // 8 * d
+        offs = arr.offsets.to_numpy().astype(np.int64)
+        flat = arr.values.values  # ignores the child's offset: slice by the absolute row offsets below
+        base = (arr.values.offset + offs[0]) * d
+        data = flat.slice(base, (offs[-1] - offs[0]) * d)
+        size = value_type.bit_width // 8
+        buf = data.buffers()[1].slice(data.offset * size, len(data) * size)
+        packed = pa.Array.from_buffers(pa.large_binary(), len(arr),
+                                       [None, pa.py_buffer((offs - offs[0]) * width), buf])
+        meta = dict(field.metadata or {})
+        meta.update({WIDTH: str(d).encode(), VALUE_TYPE: str(value_type).encode()})
+        cols.append(packed)
+        fields.append(pa.field(field.name, pa.large_binary(), metadata=meta))
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def unpack_tensor_columns(table: pa.Table) -> pa.Table:
+    """Inverse of ``pack_tensor_columns`` (tables without packed columns come back unchanged)."""
+    if not any(f.metadata and WIDTH in f.metadata for f in table.schema):
+        return table
+    cols, fields = [], []
+    for field, col in zip(table.schema, table.columns):
+        meta = dict(field.metadata or {})
+        if WIDTH not in meta:
+            cols.append(col)
+            fields.append(field)
+            continue
+        d, value_type = int(meta.pop(WIDTH)), pa.type_for_alias(meta.pop(VALUE_TYPE).decode())
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        if arr.null_count:
+            raise ValueError(f"tensor column {field.name!r} has null cells")
+        item = value_type.bit_width // 8 * d
+        offs = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+        if np.any((offs - offs[0]) % item):
+            raise ValueError(f"tensor column {field.name!r}: a cell's byte length is not a multiple of its row "
+                             f"({d} x {value_type})")
+        data = arr.buffers()[2].slice(int(offs[0]), int(offs[-1] - offs[0]))
+        flat = pa.Array.from_buffers(value_type, len(data) // (value_type.bit_width // 8), [None, data])
+        rows = pa.array(((offs - offs[0]) // item).astype(np.int32))
+        nested = pa.ListArray.from_arrays(rows, pa.FixedSizeListArray.from_arrays(flat, d))
+        cols.append(nested)
+        fields.append(pa.field(field.name, nested.type, metadata=meta or None))
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
 
 
 def _logical_dtypes(table: pa.Table) -> dict[str, str]:

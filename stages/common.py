@@ -48,19 +48,124 @@ def load_split(config: PipelineConfig, split: str, limit: int | None) -> tuple[l
 
 
 def features_tensor(array):
-    """A stored feature array (float16, float32, or bfloat16 kept as uint16) -> a CPU tensor of that dtype."""
+    """A stored feature array (float16, float32, or bfloat16 kept as uint16) -> a CPU tensor of that dtype
+    (a tensor, as ``FeatureReader`` gives, passes through)."""
     import numpy as np
     import torch
 
     from pipeline.tensor_columns import bf16_to_torch
 
+    if isinstance(array, torch.Tensor):
+        return array
     return bf16_to_torch(array) if array.dtype == np.uint16 else torch.from_numpy(np.array(array))
 
 
+# --- the image-keyed, pre-projector feature cache (extract.cache: pre_projector; docs/design.md §3) ----------------
+def vision_hidden(adapter, pixel_values):
+    """pixel_values (1, 3, h, w) or (1, K, 3, h, w) -> the vision tower's selected-layer output (K, t, C_vision)
+    before the projector: the CLIP layers up to the feature layer and the select strategy, as the model's own
+    ``get_image_features`` computes them before projecting."""
+    import torch
+
+    from compress.lvlm.image_ops import _transformer
+
+    pv = pixel_values[0] if pixel_values.dim() == 5 else pixel_values
+    vt = _transformer(adapter.model.model.vision_tower)
+    depth = adapter.feature_layer % (len(vt.encoder.layers) + 1)  # hidden_states[i] = the output of i layers
+    with torch.no_grad():
+        hidden = vt.pre_layrnorm(vt.embeddings(pv.to(adapter.dtype)))
+        for block in vt.encoder.layers[:depth]:
+            hidden = block(hidden, None)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden[:, 1:] if adapter.select_strategy == "default" else hidden
+
+
+def project_hidden(adapter, hidden, image_size: tuple[int, int]):
+    """(K, t, C_vision) tower outputs -> X_IMG (n, d) on the adapter's device: the frozen projector, then (LLaVA-NeXT)
+    the anyres packing of base tile, unpadded crops and row newlines."""
+    import torch
+
+    from compress.lvlm.image_ops import pack_index
+
+    with torch.no_grad():
+        feats = adapter.project(hidden.to(adapter.device, adapter.dtype))
+        if adapter.family != "llava_next":
+            return feats[0]
+        flat = feats.reshape(-1, feats.shape[-1])
+        newline = adapter.model.model.image_newline.to(flat.dtype)[None]
+        index = pack_index(adapter, tuple(image_size), feats.shape[0], feats.shape[1])
+        return torch.cat([flat, newline], 0).index_select(0, index)
+
+
+PRE_PROJECTOR_COLUMNS = ("ref_shard", "crops", "image_size", "post_dtype", "scale")
+
+
+class FeatureReader:
+    """Reads the extract stage's shards as per-dialogue rows of post-projector features, whatever the cache keeps.
+    ``pre_projector`` rows hold the tower output once per distinct image (later dialogues of an image refer to its
+    first row by ``ref_shard``), 16-bit or int8 with a per-token scale; they are resolved, dequantised and projected
+    with ``adapter`` here, in the consumer's step. Every shard is hashed as it is read
+    (``StageOutput.read_records``)."""
+
+    def __init__(self, feature_args: dict, adapter=None, keep: int = 4):
+        self.out = StageOutput(**feature_args)
+        self.adapter, self.keep = adapter, keep
+        self._images: dict[int, dict[str, dict]] = {}  # shard -> image -> its row holding the tower output
+
+    def _remember(self, shard: int, rows: list[dict]) -> dict[str, dict]:
+        self._images.pop(shard, None)
+        while len(self._images) >= self.keep:
+            self._images.pop(next(iter(self._images)))
+        self._images[shard] = {r["image"]: r for r in rows if r["ref_shard"] == shard and len(r["features"])}
+        return self._images[shard]
+
+    def _image_rows(self, shard: int) -> dict[str, dict]:
+        if shard in self._images:
+            return self._images[shard]
+        return self._remember(shard, self.out.read_records(shard))
+
+    def read_records(self, index: int) -> list[dict]:
+        rows = self.out.read_records(index)
+        if not rows or "ref_shard" not in rows[0]:
+            return rows  # a post-projector cache: rows hold X_IMG
+        if self.adapter is None:
+            raise ValueError(f"{self.out.uri} holds pre-projector features (extract.cache: pre_projector); its "
+                             "reader needs the model to project them: pass the adapter")
+        self._remember(index, rows)
+        out = []
+        for r in rows:
+            source = self._image_rows(int(r["ref_shard"])).get(r["image"])
+            if source is None:  # the image failed in extract; its error is recorded there
+                continue
+            plain = {k: v for k, v in r.items() if k not in PRE_PROJECTOR_COLUMNS}
+            out.append({**plain, "features": self._project(source)})
+        return out
+
+    def _project(self, row: dict):
+        import numpy as np
+        import torch
+
+        from pipeline.tensor_columns import dequantize_int8
+
+        x = row["features"]
+        if x.dtype == np.int8:
+            x = torch.from_numpy(dequantize_int8(x, row["scale"]))
+        else:
+            x = features_tensor(x)
+        hidden = x.reshape(int(row["crops"]), -1, x.shape[-1])
+        projected = project_hidden(self.adapter, hidden, tuple(row["image_size"]))
+        return projected.to("cpu", getattr(torch, row["post_dtype"]))
+
+
 def feature_row(row: dict):
-    """A row of the extract stage's shards -> (X_IMG (n, d) CPU tensor in its stored dtype, Layout)."""
+    """A row of the extract stage's shards (or of ``FeatureReader``) -> (X_IMG (n, d) CPU tensor in its stored
+    dtype, Layout)."""
     from compress.layout import Layout
 
+    if "ref_shard" in row:
+        raise ValueError(f"dialogue {row['dialogue_id']!r}: the feature cache holds the tower output before the "
+                         "projector (extract.cache: pre_projector); read it with stages.common.FeatureReader and "
+                         "the model, or run extract with extract.cache: post_projector")
     return features_tensor(row["features"]), Layout.from_dict(json.loads(row["layout"]))
 
 

@@ -23,8 +23,10 @@ def storage_dtype(model_dtype: str) -> str:
 
 
 def extract_hash(config: PipelineConfig) -> str:
-    return config_hash({"model": model_identity(config.model.path), "dtype": config.model.dtype,
-                        "format": config.shards.format})
+    keyed = {"model": model_identity(config.model.path), "dtype": config.model.dtype, "format": config.shards.format}
+    if config.extract.cache != "post_projector":  # the post-projector cache keeps the hash it always had
+        keyed.update(cache=config.extract.cache, quantize=config.extract.quantize)
+    return config_hash(keyed)
 
 
 def extract_uri(config: PipelineConfig, split: str) -> str:
@@ -36,7 +38,7 @@ def extract_args(config: PipelineConfig, split: str) -> dict:
     inputs = {"dialogues": file_sha256(getattr(config.data, split)), "limit": split_limit(config, split),
               "dialogues_per_shard": config.shards.dialogues_per_shard}
     return dict(uri=extract_uri(config, split), stage=EXTRACT, config_hash=extract_hash(config),
-                input_hash=config_hash(inputs), fmt=config.shards.format)
+                input_hash=config_hash(inputs), fmt=config.shards.format, verify=config.shards.verify)
 
 
 def finished_extract_args(config: PipelineConfig, split: str, consumer: str) -> dict:
@@ -70,7 +72,8 @@ def teacher_args(config: PipelineConfig, split: str) -> dict:
     """Keyed by the features it was computed from (FileNotFoundError when extract has not finished)."""
     features = read_completed(extract_uri(config, split))
     return dict(uri=teacher_uri(config, split), stage=TEACHER, config_hash=teacher_hash(config),
-                input_hash=config_hash([features["config_hash"], features["input_hash"]]), fmt=config.shards.format)
+                input_hash=config_hash([features["config_hash"], features["input_hash"]]), fmt=config.shards.format,
+                verify=config.shards.verify)
 
 
 # --- train: one compressor per rate --------------------------------------------------------------------------------

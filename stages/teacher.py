@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pipeline.config import PipelineConfig
 from pipeline.shards import StageOutput
-from stages.common import StageReport, encoded_image, load_split, model_actor, run_sharded, shard_ranges, split_limit
+from stages.common import (FeatureReader, StageReport, encoded_image, load_split, model_actor, run_sharded,
+                           shard_ranges, split_limit)
 from stages.outputs import TEACHER as STAGE
 from stages.outputs import finished_extract_args
 from stages.outputs import teacher_args as output_args
@@ -28,7 +29,7 @@ class TeacherWorker:
         self.adapter = load_adapter(model_path, device=device, dtype=getattr(torch, dtype))
         self.teacher = teacher
         self.out = StageOutput(**out_args)
-        self.features = StageOutput(**feature_args)
+        self.features = FeatureReader(feature_args, self.adapter)  # projects a pre-projector cache
 
     def _dialogue_batch(self, features: list, dialogues: list[dict]) -> list[dict]:
         import torch

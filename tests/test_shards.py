@@ -179,14 +179,19 @@ def test_missing_shards_exactly_missing_and_corrupt_and_resume_is_byte_identical
     data[-20] ^= 0xFF
     (root / o.shard_name(4)).write_bytes(bytes(data))
     (root / (o.shard_name(5) + ".json")).unlink()
-    assert o.missing_shards(n) == [1, 3, 4, 5, 6]
+    # without verify, sizes and sidecars only: the flipped byte of shard 4 (same size) is left to its reader
+    assert o.missing_shards(n) == [1, 3, 5, 6]
+    with pytest.raises(CorruptShard, match="truncated or altered"):
+        o.read_shard(4)
+    assert o.missing_shards(n, verify=True) == [1, 3, 4, 5, 6]
+    assert out(tmp_path, verify=True).missing_shards(n) == [1, 3, 4, 5, 6]  # `run --verify`
     with pytest.raises(CorruptShard, match=r"\[1, 3, 4, 5, 6\]"):
-        o.finish(n)
+        o.finish(n, verify=True)
     assert not o.is_complete()
     with pytest.raises(FileNotFoundError, match="has not finished"):
         shards.read_completed(str(root))
     before = {i: (root / o.shard_name(i)).stat().st_mtime_ns for i in (0, 2)}
-    for i in o.missing_shards(n):
+    for i in o.missing_shards(n, verify=True):
         o.write_shard(i, feature_records(i))
     manifest = o.finish(n)
     assert o.is_complete(deep=True) and o.missing_shards(n) == []
@@ -201,6 +206,87 @@ def test_missing_shards_exactly_missing_and_corrupt_and_resume_is_byte_identical
     (root / o.shard_name(2)).write_bytes(b"garbage")
     o.write_shard(2, feature_records(2))
     assert not o.is_complete() and (o.finish(n) and o.is_complete(deep=True))
+
+
+def test_parquet_stores_2d_tensor_columns_as_packed_bytes(tmp_path):
+    recs = feature_records(3)  # ragged, with an empty (0, d) array
+    table = tensor_columns.records_to_table(recs)
+    for part, expected in [(table, recs), (table.slice(1, 2), recs[1:3]),
+                           (pa.concat_tables([table.slice(0, 2), table.slice(2)]), recs)]:
+        packed = tensor_columns.pack_tensor_columns(part)
+        assert packed.schema.field("x_img").type == pa.large_binary()
+        assert [len(b) for b in packed.column("x_img").to_pylist()] == [r["x_img"].nbytes for r in expected]
+        back = tensor_columns.table_to_records(packed)
+        assert all(same_bits(b["x_img"], r["x_img"]) for b, r in zip(back, expected))
+    o = out(tmp_path)
+    o.write_shard(0, recs)
+    stored = pq.read_table(tmp_path / "out" / o.shard_name(0))
+    assert stored.schema.field("x_img").type == pa.large_binary()
+    assert b"".join(stored.column("x_img").to_pylist()) == b"".join(r["x_img"].tobytes() for r in recs)
+    old = tmp_path / "old.parquet"  # a shard written before packing still reads
+    pq.write_table(table, old)
+    assert all(same_bits(b["x_img"], r["x_img"]) for b, r in zip(
+        tensor_columns.table_to_records(pq.read_table(old)), recs))
+
+
+class _CountingFS:
+    """A LocalFileSystem that counts the bytes of every file opened for reading (each opened file is read whole
+    or not at all by the shard store), by name."""
+
+    def __init__(self):
+        self.fs, self.opened = pafs.LocalFileSystem(), []
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def _count(self, path):
+        self.opened.append((os.path.basename(path), os.path.getsize(path)))
+
+    def open_input_file(self, path):
+        self._count(path)
+        return self.fs.open_input_file(path)
+
+    def open_input_stream(self, path):
+        self._count(path)
+        return self.fs.open_input_stream(path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_finished_stage_is_recognised_without_reading_shard_bytes(tmp_path, fmt):
+    n = 6
+    rng = np.random.default_rng(0)  # random values: nothing for zstd to squeeze
+    big = [{"sample_id": f"s{i}-{j}", "x_img": rng.standard_normal((400, 64)).astype(np.float16)}
+           for i in range(n) for j in range(2)]
+    o = out(tmp_path, fmt)
+    for i in range(n):
+        o.write_shard(i, big[2 * i:2 * i + 2])
+    o.finish(n)
+    shard_bytes = sum(os.path.getsize(tmp_path / "out" / o.shard_name(i)) for i in range(n))
+    counting = _CountingFS()
+    rerun = StageOutput(str(tmp_path / "out"), "extract", "c1", "i1", fmt, filesystem=counting)
+    assert rerun.missing_shards(n) == [] and rerun.finish(n)["rows"] == 2 * n and rerun.is_complete()
+    shard_names = {rerun.shard_name(i) for i in range(n)}
+    assert not [name for name, _ in counting.opened if name in shard_names]
+    assert sum(size for _, size in counting.opened) < shard_bytes / 20  # sidecars, manifest, _SUCCESS only
+    # the reader checks the content it reads: a flipped byte (same size) is caught at use, and by verify
+    path = tmp_path / "out" / o.shard_name(3)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert rerun.missing_shards(n) == [] and rerun.missing_shards(n, verify=True) == [3]
+    assert not rerun.is_complete(deep=True)
+    with pytest.raises(CorruptShard, match="part-00003.*truncated or altered"):
+        rerun.read_records(3)
+    counting.opened.clear()
+    rerun.read_records(2)
+    assert [name for name, _ in counting.opened] == [rerun.shard_name(2) + ".json", rerun.shard_name(2)]
+    # a finished stage's lost sidecar or truncated shard is found from the listing alone
+    (tmp_path / "out" / (o.shard_name(5) + ".json")).unlink()
+    path = tmp_path / "out" / o.shard_name(1)
+    path.write_bytes(path.read_bytes()[:-1])
+    counting.opened.clear()
+    assert rerun.missing_shards(n) == [1, 5]
+    assert not [name for name, _ in counting.opened if name.startswith("part-")]
 
 
 def test_incompatible_output_is_refused(tmp_path):

@@ -159,7 +159,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=bench_extract)
 
     from pipeline.commands.bench_efficiency import register as register_efficiency
+    from pipeline.commands.bench_scale import register as register_scale
     from pipeline.commands.bench_train import register_bench as register_train
 
     register_efficiency(which)
     register_train(which)
+    register_scale(which)

@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 from pipeline.metrics import score
 from pipeline.shards import StageOutput
-from stages.common import feature_row
+from stages.common import FeatureReader, feature_row
 
 CACHED_SHARDS = 8  # feature shards a rollout actor keeps in memory
 
@@ -30,7 +30,7 @@ class TPRLWorker:
 
         apply_defaults()
         self.adapter = load_adapter(model_path, device=device, dtype=getattr(torch, dtype))
-        self.features = StageOutput(**feats)
+        self.features = FeatureReader(feats, self.adapter)  # projects a pre-projector cache
         self.prepared = StageOutput(**prepared)
         self.options = options
         self.shards: OrderedDict[int, dict] = OrderedDict()

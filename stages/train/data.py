@@ -5,7 +5,7 @@ Epoch ``e`` of worker ``r`` visits its shards in a permuted order and each shard
 drawn from ``numpy.random.default_rng([seed, e, r])``: the order is a pure function of (seed, epoch, rank), so a
 resumed run finds its data position from the step counter alone. Every worker makes the same number of steps per
 epoch (the smallest worker's rows // micro batch; the rest of an epoch is dropped), which keeps the collectives of
-DeepSpeed in step.
+DeepSpeed in step. ``Prefetcher`` reads the next batches on a thread while the step runs, in the same order.
 
 Two sources give the same :class:`Example`: ``CachedSource`` reads the extract + teacher shards; ``OnlineSource``
 runs the vision tower and the teacher (greedy multi-turn generation + top-k targets) on the fly (paper Algorithm 1).
@@ -67,6 +67,20 @@ def planned_epochs(per_epoch: int, epochs: int, min_steps: int) -> int:
     return max(epochs, -(-min_steps // per_epoch))
 
 
+def heldout_plan(plan: dict | None, limit: int | None) -> dict | None:
+    """``plan`` cut to its first ``limit`` dialogues (shards in order, the last one partly; None: all of them, 0: no
+    held-out pass), so the pass after training costs the same at any data size."""
+    if plan is None or limit is None:
+        return plan
+    if limit == 0:
+        return None
+    rows, left = [], limit
+    for n in plan["shard_rows"]:
+        rows.append(min(n, left))
+        left -= rows[-1]
+    return {**plan, "shard_rows": rows}
+
+
 def epoch_order(shard_rows: list[int], seed: int, epoch: int, rank: int, world: int) -> list[Key]:
     """The (shard, row) keys worker ``rank`` visits in ``epoch`` (see the module doc)."""
     rng = np.random.default_rng([seed, epoch, rank])
@@ -89,10 +103,11 @@ class CachedSource:
     """Examples from feature + teacher shards. ``questions``: dialogue_id -> questions (from the dialogue file:
     the shards hold no text). Keeps the last two shards in memory (a batch can straddle shards)."""
 
-    def __init__(self, feature_args: dict, teacher_args: dict, questions: dict[str, list[str]]):
+    def __init__(self, feature_args: dict, teacher_args: dict, questions: dict[str, list[str]], adapter=None):
         from pipeline.shards import StageOutput
+        from stages.common import FeatureReader
 
-        self.features = StageOutput(**feature_args)
+        self.features = FeatureReader(feature_args, adapter)  # ``adapter`` projects a pre-projector cache
         self.teacher = StageOutput(**teacher_args)
         self.questions = questions
         self._cache: OrderedDict[int, list[Example]] = OrderedDict()
@@ -100,14 +115,14 @@ class CachedSource:
     def _load(self, shard: int) -> list[Example]:
         feats, targets = self.features.read_records(shard), self.teacher.read_records(shard)
         if [r["dialogue_id"] for r in feats] != [r["dialogue_id"] for r in targets]:
-            raise ValueError(f"{self.features.shard_uri(shard)} and {self.teacher.shard_uri(shard)} do not hold the "
-                             "same dialogues in the same order; re-run the teacher stage on these features")
+            raise ValueError(f"{self.features.out.shard_uri(shard)} and {self.teacher.shard_uri(shard)} do not hold "
+                             "the same dialogues in the same order; re-run the teacher stage on these features")
         out = []
         for f, t in zip(feats, targets):
             did = f["dialogue_id"]
             if did not in self.questions:
-                raise KeyError(f"dialogue {did!r} of {self.features.shard_uri(shard)} is not in the dialogue file; "
-                               "the cache was built from another dataset: re-run extract and teacher")
+                raise KeyError(f"dialogue {did!r} of {self.features.out.shard_uri(shard)} is not in the dialogue "
+                               "file; the cache was built from another dataset: re-run extract and teacher")
             out.append(Example(
                 did, *feature_row(f), self.questions[did],
                 [[int(i) for i in a] for a in t["answer_ids"]],
@@ -126,6 +141,43 @@ class CachedSource:
         while len(self._cache) > max(2, len(needed)):
             self._cache.popitem(last=False)
         return batch
+
+
+class Prefetcher:
+    """The examples of steps ``start, start + 1, ... < stop`` computed on a background thread up to ``depth`` steps
+    ahead of the loop, so the next batch is ready when the step asks (the shard reads, sha256 checks and decoding
+    overlap the model). ``get(step)`` returns exactly ``source.examples(keys_of(step))``, in order: the batches stay
+    a pure function of (seed, step), so a resumed run continues the same order. Only for sources whose reads run no
+    collective (``CachedSource`` under ZeRO 0-2: the projector of a pre-projector cache is a plain forward)."""
+
+    def __init__(self, source, keys_of, start: int, stop: int, depth: int = 2):
+        import queue
+        import threading
+
+        if depth < 1:
+            raise ValueError(f"Prefetcher: depth {depth} must be >= 1")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._next = start
+
+        def produce() -> None:
+            for step in range(start, stop):
+                try:
+                    item = (step, source.examples(keys_of(step)), None)
+                except BaseException as err:  # noqa: BLE001 - handed to the loop, which raises it
+                    self._queue.put((step, None, err))
+                    return
+                self._queue.put(item)
+
+        threading.Thread(target=produce, name="train-prefetch", daemon=True).start()
+
+    def get(self, step: int) -> list[Example]:
+        if step != self._next:
+            raise ValueError(f"Prefetcher: asked for step {step}, the next one is {self._next} (steps go in order)")
+        got, examples, err = self._queue.get()
+        if err is not None:
+            raise err
+        self._next = got + 1
+        return examples
 
 
 def _cat(parts: list[np.ndarray], dtype) -> torch.Tensor:

@@ -4,7 +4,7 @@ Why a client optimizer: DeepSpeed's own ``"optimizer"`` section maps AdamW to Fu
 JIT-compiled for one to two minutes on first use (docs/design.md §10.2). A ``torch.optim`` optimizer passed to
 ``deepspeed.initialize`` with ``zero_allow_untested_optimizer`` compiles nothing, under every ZeRO stage.
 Only the compressor's parameters reach the optimizer: the frozen LVLM gets no fp32 master copy and no state, and
-under ZeRO-3 its (16-bit) weights are partitioned across the workers.
+under ZeRO-3 its weights (in ``model.dtype``) are partitioned across the workers.
 """
 
 from __future__ import annotations
@@ -27,9 +27,13 @@ def micro_batch_size(train: "TrainConfig", world_size: int) -> int:
     return train.batch_size // world_size
 
 
-def ds_config(train: "TrainConfig", world_size: int, on_gpu: bool, persist_numel: int = 10_000) -> dict:
-    """The DeepSpeed config dict: ZeRO ``train.zero_stage``, bf16 on GPUs / fp32 on CPU, ``train.grad_clip``.
+def ds_config(train: "TrainConfig", world_size: int, persist_numel: int = 10_000) -> dict:
+    """The DeepSpeed config dict: ZeRO ``train.zero_stage``, ``train.grad_clip``, and DeepSpeed's bf16 mode only
+    when ``train.compressor_dtype`` is bfloat16, on any device.
 
+    Why not bf16 whenever there is a GPU: bf16 mode casts every parameter, so the compressor would compute in bf16
+    while the saved compressor runs in its recorded dtype elsewhere (docs/design.md §6.3). In fp32 mode DeepSpeed
+    casts nothing: the frozen LVLM keeps ``model.dtype`` as loaded, the compressor and its optimizer stay fp32.
     No ``optimizer`` / ``scheduler`` sections (see the module doc); ``train_batch_size`` is the global batch.
     ZeRO-3 keeps every parameter with fewer than ``persist_numel`` elements whole on each worker.
     """
@@ -48,7 +52,7 @@ def ds_config(train: "TrainConfig", world_size: int, on_gpu: bool, persist_numel
         "gradient_clipping": float(train.grad_clip) if train.clip_mode == "norm" else 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bool(on_gpu)},
+        "bf16": {"enabled": train.compressor_dtype == "bfloat16"},
         "fp16": {"enabled": False},
         "steps_per_print": 10 ** 9,  # progress goes to MLflow, not the log
         "wall_clock_breakdown": False,
@@ -115,7 +119,7 @@ def initialize(module: "torch.nn.Module", train: "TrainConfig", world_size: int,
     trainable = [p for p in module.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable,
                                            optimizer=make_optimizer(trainable, train),
-                                           config=ds_config(train, world_size, on_gpu, persist_numel))
+                                           config=ds_config(train, world_size, persist_numel))
     return engine
 
 

@@ -116,12 +116,13 @@ def stage_memory(shape: ModelShape, config, turns: int = 3) -> list[StageMemory]
         StageMemory("evaluate", ev.batch_size, full, weights, shape.kv_bytes(ev.batch_size, full, dtype),
                     shape.prefill_bytes(ev.batch_size, full, dtype), fastv),
     ]
-    # Training runs in bfloat16 on GPUs, on the sequence reduced at the smallest rate, micro batch per worker.
+    # Training runs the LVLM in model.dtype (docs/design.md §6.3), on the sequence reduced at the smallest rate,
+    # micro batch per worker.
     micro = max(1, tr.batch_size // max(1, tr.num_workers))
     kept = math.ceil(shape.max_visual_tokens * (1 - min(tr.rates))) + text_tokens(turns, config.teacher.max_new_tokens)
     answers = turns * config.teacher.max_new_tokens
-    backward = shape.layers * 34 * kept * micro * shape.hidden + 2 * micro * answers * shape.vocab * 4
-    rows.append(StageMemory("train", micro, kept, shape.params * 2, 0, backward, 0))
+    backward = shape.layers * 34 * kept * micro * shape.hidden * dtype // 2 + 2 * micro * answers * shape.vocab * 4
+    rows.append(StageMemory("train", micro, kept, weights, 0, backward, 0))
     return rows
 
 

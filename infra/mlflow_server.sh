@@ -10,8 +10,11 @@
 #
 # --state-dir (default ~/mlflow) holds mlflow.pid, mlflow.log, tracking_uri (the URI for configs' tracking.uri),
 # and by default the SQLite backend store (mlflow.db) and the artifacts (artifacts/). Keep the SQLite file on the head's local disk (SQLite over NFS is
-# unsafe); for a store that outlives the head use --backend-store-uri postgresql://... The artifacts belong on
-# shared or object storage (an EFS mount, s3://bucket/prefix).
+# unsafe); for a store that outlives the head give a database server: --backend-store-uri
+# postgresql://USER:PASSWORD@HOST:PORT/DB (driver psycopg2, pinned in requirements.txt), or the same URI in
+# $MLFLOW_BACKEND_STORE_URI, which keeps the password off command lines. The URI reaches the server through that
+# variable, never its argv (`ps` shows argv to every user), and the password is masked in what this script prints.
+# The artifacts belong on shared or object storage (an EFS mount, s3://bucket/prefix).
 # `start` is idempotent: a server already running from the same state dir is reused. It returns once /health
 # answers (about 15 s), and fails with the log's tail when it does not within --timeout seconds.
 # The mlflow executable is $MLFLOW_BIN, else `mlflow` on PATH.
@@ -26,7 +29,7 @@ shift
 host=127.0.0.1
 port=5000
 state_dir="$HOME/mlflow"
-backend=""
+backend="${MLFLOW_BACKEND_STORE_URI:-}"
 artifacts=""
 workers=2
 timeout=180
@@ -48,6 +51,15 @@ state_dir="$(cd "$state_dir" && pwd)"
 pid_file="$state_dir/mlflow.pid"
 log_file="$state_dir/mlflow.log"
 backend="${backend:-sqlite:///$state_dir/mlflow.db}"
+case "$backend" in
+    sqlite:///*|postgresql://*|postgresql+psycopg2://*|mysql://*|mysql+pymysql://*|mssql+pyodbc://*) ;;
+    *) echo "mlflow_server.sh: --backend-store-uri '${backend%%://*}://...' is not a database URI; give" \
+            "postgresql://USER:PASSWORD@HOST:PORT/DB, or leave it out for SQLite in the state dir" >&2; exit 2 ;;
+esac
+# SQLAlchemy 2.1 reads postgresql:// as psycopg 3; the driver installed (requirements.txt) is psycopg2.
+[[ "$backend" == postgresql://* ]] && backend="postgresql+psycopg2://${backend#postgresql://}"
+# The URI as printed: the password (between "user:" and "@") masked.
+shown_backend="$(printf '%s' "$backend" | sed -E 's#^([a-z0-9+]+://[^:/@]*):.*@#\1:***@#')"
 artifacts="${artifacts:-$state_dir/artifacts}"
 mlflow_bin="${MLFLOW_BIN:-mlflow}"
 addr_file="$state_dir/mlflow.addr"
@@ -103,9 +115,8 @@ case "$cmd" in
             [[ "$artifacts" == *://* ]] || mkdir -p "$artifacts"
             # setsid: the server leads its own session, so `stop` can signal its whole process group and the
             # server outlives the shell (ssh session, ray up setup command) that started it.
-            setsid "$mlflow_bin" server --host "$host" --port "$port" --workers "$workers" \
-                --backend-store-uri "$backend" --artifacts-destination "$artifacts" \
-                > "$log_file" 2>&1 < /dev/null &
+            MLFLOW_BACKEND_STORE_URI="$backend" setsid "$mlflow_bin" server --host "$host" --port "$port" \
+                --workers "$workers" --artifacts-destination "$artifacts" > "$log_file" 2>&1 < /dev/null &
             echo $! > "$pid_file"
             echo "$host $port" > "$addr_file"
         fi
@@ -131,7 +142,7 @@ case "$cmd" in
         reach="$host"
         [[ "$reach" == "0.0.0.0" ]] && reach="$(hostname -I 2>/dev/null | awk '{print $1}')"
         echo "http://${reach:-127.0.0.1}:$port" > "$state_dir/tracking_uri"
-        echo "mlflow server: http://$host:$port (pid $pid, backend $backend, artifacts $artifacts, log $log_file)"
+        echo "mlflow server: http://$host:$port (pid $pid, backend $shown_backend, artifacts $artifacts, log $log_file)"
         ;;
     stop) stop_server ;;
     status)

@@ -65,8 +65,8 @@ def test_value_mode_clamps_each_element_like_clip_grad_value():
 
 
 def test_norm_mode_leaves_clipping_to_deepspeed_and_value_mode_turns_it_off():
-    assert ds_config(TrainConfig(grad_clip=0.01), 1, on_gpu=False)["gradient_clipping"] == 0.01
-    assert ds_config(TrainConfig(grad_clip=0.01, clip_mode="value"), 1, on_gpu=False)["gradient_clipping"] == 0.0
+    assert ds_config(TrainConfig(grad_clip=0.01), 1)["gradient_clipping"] == 0.01
+    assert ds_config(TrainConfig(grad_clip=0.01, clip_mode="value"), 1)["gradient_clipping"] == 0.0
     opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(clip_mode="norm"))
     assert type(opt) is torch.optim.SGD
     with pytest.raises(ValueError, match="clip_mode"):

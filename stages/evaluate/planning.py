@@ -50,6 +50,20 @@ def protocol(config: PipelineConfig) -> dict:
             "generation": [asdict(g) for g in ev.generation], "generation_defaults": GENERATION_DEFAULTS}
 
 
+def _compute_dtype(directory: str) -> str:
+    """The compute dtype recorded with a trained compressor (config.json ``compute_dtype``, float32 when absent)."""
+    import json
+    from pathlib import Path
+
+    from compress.metacompress import CONFIG_NAME
+
+    path = Path(directory, CONFIG_NAME)
+    try:
+        return json.loads(path.read_text()).get("compute_dtype", "float32")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a readable MetaCompress config ({err}); retrain this rate") from None
+
+
 def plan(config: PipelineConfig, split: str) -> tuple[list[Job], list[str]]:
     """The (method, rate) outputs to evaluate and the reasons for those skipped (metacompress at a rate without a
     trained compressor, tprl without a trained policy). Unknown method names raise ValueError listing the known
@@ -88,6 +102,9 @@ def plan(config: PipelineConfig, split: str) -> tuple[list[Job], list[str]]:
                     continue
                 verified_trained_dir(f"{rate_dir(config, rate)}/_SUCCESS", compressor, "train")  # docs/design.md §8
                 weights = file_sha256(f"{compressor}/{COMPRESSOR_WEIGHTS}")
+                dtype = _compute_dtype(compressor)
+                if dtype != "float32":  # the dtype it runs in changes P; absent from older hashes (float32)
+                    weights = f"{weights}/{dtype}"
             seeds = config.evaluate.seeds if method in STOCHASTIC_METHODS else [None]
             for seed in seeds:  # a stochastic method: one output per seed (docs/design.md §5)
                 extra = {} if seed is None else {"seed": seed, "seeding": "per-image"}

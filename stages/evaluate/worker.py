@@ -8,7 +8,7 @@ from collections import Counter
 from pipeline.datasets.common import cut_at_stop
 from pipeline.metrics import JUDGED_SOURCES, score
 from pipeline.shards import StageOutput
-from stages.common import encoded_image
+from stages.common import FeatureReader, encoded_image
 
 STAT_FIELDS = ("vision_s", "reduce_s", "prefill_s", "decode_s", "ttft_s", "total_s", "peak_memory_bytes",
                "prefill_tokens", "prefill_flops", "kv_cache_len", "visual_tokens", "new_tokens")
@@ -31,7 +31,7 @@ class EvalWorker:
         apply_defaults()
         self.adapter = load_adapter(model_path, device=device, dtype=getattr(torch, dtype))
         self.options = options
-        self.features = StageOutput(**feature_args) if feature_args else None
+        self.features = FeatureReader(feature_args, self.adapter) if feature_args else None
         self.compressors: dict[str, object] = {}
 
     def _compressor(self, directory: str | None, method: str = "metacompress"):
@@ -47,6 +47,19 @@ class EvalWorker:
 
                 self.compressors[directory] = MetaCompress.from_pretrained(directory).to(self.adapter.device).eval()
         return self.compressors[directory]
+
+    def encode_images(self, paths: list[str]) -> list:
+        """Per image its X_IMG (n, d) as a float32 CPU tensor and its Layout, or the error text: the P plots of the
+        report when the extract stage cached no features, so that the driver never loads the LVLM
+        (docs/design.md §6.4)."""
+        out = []
+        for path in paths:
+            try:
+                enc = self.adapter.encode(path)
+                out.append((enc.tokens.float().cpu(), enc.layout))
+            except (FileNotFoundError, ValueError, OSError) as err:
+                out.append(str(err))
+        return out
 
     def _inputs(self, index: int, dialogues: list[dict], vision: bool) -> tuple[list, list[list[str]]]:
         """Per dialogue the image input of the session (an EncodedImage of cached features, or the decoded image),

@@ -149,7 +149,8 @@ def build_student(adapter, train_cfg, seed: int):
     compressor = _tensor_output_class()(adapter.text_config.hidden_size, train_cfg.compress_dim,
                                          train_cfg.kernel_size, reference_grid=(side, side),
                                          generator=train_cfg.generator,
-                                         temperature=train_cfg.temperature).to(adapter.device)
+                                         temperature=train_cfg.temperature).to(
+        adapter.device, getattr(torch, train_cfg.compressor_dtype))
     return _student_module()(compressor, adapter, train_cfg.entropy_weight, train_cfg.collapse_weight)
 
 

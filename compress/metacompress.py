@@ -37,6 +37,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPE = "metacompress"
 GENERATORS = ("paper", "normed")
+COMPUTE_DTYPES = ("float32", "bfloat16")  # the train stage's train.compressor_dtype values
 
 
 def pool_windows(n: int, m: int, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,9 +120,17 @@ class MetaCompress(nn.Module):
     def compress_dim(self) -> int:
         return self.w_key.shape[1]
 
+    def train(self, mode: bool = True) -> "MetaCompress":
+        # An optimizer that writes through ``.data`` or a flat buffer (DeepSpeed's ZeRO steps) does not bump the
+        # parameters' version counters, so the memo below is also dropped whenever the mode switches: a validation
+        # pass (eval) between training steps never sees the table of an earlier step.
+        self._position_memo = {}
+        return super().train(mode)
+
     def position_embeddings(self, layout: Layout) -> torch.Tensor:
         """(n, d): the reference table interpolated to each segment's grid, the layout vector at newlines.
-        Without gradients the result is memoised per layout until the parameters change (inference reuses it)."""
+        Without gradients the result is memoised per layout until the parameters change in place (version
+        counters) or the module's mode switches (``train``/``eval``); inference reuses it."""
         if torch.is_grad_enabled():
             return self._position_embeddings(layout)
         key = (layout, self.position_table._version, self.layout_token._version, self.position_table.device,
@@ -198,6 +207,8 @@ class MetaCompress(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "MetaCompress":
+        """The saved compressor in the compute dtype its training recorded (``compute_dtype`` in config.json,
+        float32 when absent): it then gives the P it gave in training (docs/design.md §6.3)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -209,6 +220,10 @@ class MetaCompress(nn.Module):
         if config.get("model_type") != MODEL_TYPE:
             raise ValueError(f"{directory / CONFIG_NAME}: model_type is {config.get('model_type')!r}, "
                              f"expected {MODEL_TYPE!r}")
+        compute_dtype = config.get("compute_dtype", "float32")
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"{directory / CONFIG_NAME}: compute_dtype {compute_dtype!r} is not one of "
+                             f"{list(COMPUTE_DTYPES)}; fix the key or remove it (float32)")
         module = cls(config["hidden_size"], config["compress_dim"], config["kernel_size"],
                      tuple(config["reference_grid"]), config.get("pooling", "avg"), config.get("generator", "paper"),
                      config.get("temperature", 20.0))
@@ -222,4 +237,6 @@ class MetaCompress(nn.Module):
                 raise ValueError(f"{directory / WEIGHTS_NAME}: tensor {key!r} has shape {tuple(value.shape)}, "
                                  f"{CONFIG_NAME} implies {tuple(expected[key].shape)}")
         module.load_state_dict(state)
-        return module.to(map_location)
+        if "compute_dtype" in config:  # kept, so that saving the module again keeps it
+            module.config["compute_dtype"] = compute_dtype
+        return module.to(map_location, getattr(torch, compute_dtype))

@@ -54,12 +54,18 @@ class ShardConfig:
     dialogues_per_shard: int = 64
     max_error_fraction: float = 0.05
     overwrite: bool = False
+    verify: bool = False  # re-runs also hash every finished shard (else sidecars and sizes; docs/design.md §3)
 
 
 @dataclass
 class ExtractConfig:
     batch_size: int = 16
     num_actors: int = 1
+    # What the feature cache holds (docs/design.md §3): "post_projector": X_IMG per dialogue; "pre_projector": the
+    # vision tower's selected-layer output once per distinct image (4x narrower on CLIP-L; the frozen projector runs
+    # in the consumer's step). quantize "int8" (pre_projector only): int8 with a per-token scale, half the bytes.
+    cache: Literal["post_projector", "pre_projector"] = "post_projector"
+    quantize: Literal["none", "int8"] = "none"
 
 
 @dataclass
@@ -67,6 +73,21 @@ class TeacherConfig:
     top_k: int = 64
     max_new_tokens: int = 8
     history: Literal["own", "reference"] = "own"
+
+
+@dataclass
+class TrainCandidate:
+    """Train settings tried besides the train section's own (unset fields keep its values); per rate, the one with
+    the lowest validation KL is kept (docs/design.md §4.2)."""
+
+    entropy_weight: float | None = None
+    collapse_weight: float | None = None
+    lr: float | None = None
+    optimizer: Literal["sgd", "adamw"] | None = None
+    generator: Literal["paper", "normed", "auto"] | None = None
+
+    def overrides(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -92,9 +113,23 @@ class TrainConfig:
     entropy_weight: float = 1.0
     collapse_weight: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
+    # The compressor's compute dtype, in training and wherever the trained compressor runs (recorded in its
+    # config.json); the frozen LVLM computes in model.dtype in every stage (docs/design.md §6.3).
+    compressor_dtype: Literal["float32", "bfloat16"] = "float32"
     num_workers: int = 1
     checkpoint_every: int = 50
     online_teacher: bool = False
+    # The held-out pass after training (held-out KL of MetaCompress and Sample) runs on the test split's first this
+    # many dialogues: a bounded cost at any data size (null: the whole split; 0: no held-out pass).
+    heldout_dialogues: int | None = 64
+    # Early stopping (docs/design.md §4.2): every validate_every steps (0: never) the KL on the validation split's first
+    # validation_dialogues dialogues; the weights kept are the best so far; training stops after `patience`
+    # validations without a new best (0: runs every planned step).
+    validate_every: int = 0
+    patience: int = 0
+    validation_dialogues: int | None = 64
+    # Settings tried besides this section's own, per rate; the lowest validation KL wins (needs validate_every > 0).
+    candidates: list[TrainCandidate] = field(default_factory=list)
     seed: int = 0
     max_failures: int = 0  # Ray Train restarts after a worker failure (each resumes from the last checkpoint)
 
@@ -340,6 +375,9 @@ def _range_checks(c: PipelineConfig) -> list[tuple[bool, str]]:
         (t.grad_clip > 0, "train.grad_clip must be > 0"),
         (t.temperature > 0, "train.temperature must be > 0"),
         (t.entropy_weight >= 0 and t.collapse_weight >= 0, "train.entropy_weight and train.collapse_weight must be >= 0"),
+        (t.compressor_dtype == "float32" or c.model.dtype == "bfloat16",
+         f"train.compressor_dtype = bfloat16 needs model.dtype: bfloat16 (DeepSpeed's bf16 mode casts the frozen LVLM "
+         f"too), got model.dtype = {c.model.dtype}; set model.dtype: bfloat16 or train.compressor_dtype: float32"),
         (c.ray.num_cpus is None or c.ray.num_cpus >= 1, "ray.num_cpus must be >= 1, or null for all of them"),
         (bool(c.work_dir), "work_dir is empty; give a directory for the outputs"),
         (bool(c.model.path), "model.path is empty; give a LLaVA-1.5 or LLaVA-NeXT model directory"),
@@ -347,8 +385,9 @@ def _range_checks(c: PipelineConfig) -> list[tuple[bool, str]]:
     if d.mt_shapes is not None:
         m = d.mt_shapes
         checks += [
-            (m.dialogues >= 1 and m.val >= 0 and m.test >= 0 and m.val + m.test < m.dialogues,
-             f"data.mt_shapes: dialogues ({m.dialogues}) must be >= 1 and larger than val + test ({m.val} + {m.test})"),
+            (m.dialogues >= 1 and m.val >= 1 and m.test >= 0 and m.val + m.test < m.dialogues,
+             f"data.mt_shapes: dialogues ({m.dialogues}) must be larger than val + test ({m.val} + {m.test}), and val "
+             ">= 1 (the registry promotes on the validation split)"),
             (m.image_size >= 8, f"data.mt_shapes.image_size = {m.image_size}: must be >= 8 pixels"),
         ]
     return checks
@@ -376,6 +415,26 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         (config.train.batch_size > 0 and config.train.epochs > 0, "train.batch_size and train.epochs must be positive"),
         (config.train.num_workers > 0, "train.num_workers must be positive"),
         (config.train.checkpoint_every > 0, "train.checkpoint_every must be positive"),
+        (config.extract.cache == "post_projector" or config.train.zero_stage != 3,
+         "extract.cache: pre_projector needs train.zero_stage 0, 1 or 2: the projector runs as the data is read, and "
+         "under ZeRO-3 its forward is a collective the workers would not call in step; use zero_stage 2 or "
+         "extract.cache: post_projector"),
+        (config.extract.quantize == "none" or config.extract.cache == "pre_projector",
+         f"extract.quantize = {config.extract.quantize} needs extract.cache: pre_projector (the post-projector "
+         "cache is stored in 16-bit only)"),
+        (config.train.heldout_dialogues is None or config.train.heldout_dialogues >= 0,
+         f"train.heldout_dialogues = {config.train.heldout_dialogues}: must be >= 0 (0: no held-out pass), or null "
+         "for the whole test split"),
+        (config.train.validate_every >= 0 and config.train.patience >= 0,
+         "train.validate_every and train.patience must be >= 0 (0: no validation / no early stop)"),
+        (config.train.validation_dialogues is None or config.train.validation_dialogues >= 1,
+         f"train.validation_dialogues = {config.train.validation_dialogues}: must be >= 1, or null for the whole "
+         "validation split"),
+        (not (config.train.candidates or config.train.patience) or config.train.validate_every > 0,
+         "train.candidates and train.patience choose on the validation KL: set train.validate_every > 0 too"),
+        (all(c.overrides() for c in config.train.candidates),
+         "train.candidates: an entry sets nothing; give at least one of entropy_weight, collapse_weight, lr, "
+         "optimizer, generator"),
         (config.train.max_failures >= -1, "train.max_failures must be >= 0 (or -1: retry forever)"),
         (config.evaluate.num_actors > 0, "evaluate.num_actors must be positive"),
         (config.evaluate.batch_size > 0 and config.evaluate.max_new_tokens > 0,

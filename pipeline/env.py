@@ -30,6 +30,12 @@ def apply_defaults() -> None:
             os.environ.setdefault(key, value)
     if os.environ.get("METACOMPRESS_VERBOSE") != "1":  # quiet console (docs/design.md §8): no weight-loading bars
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # MLflow's loggers have their own console handler (they bypass ours): no INFO lines such as "Creating
+        # initial MLflow database tables".
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if not os.path.exists("/dev/nvidiactl"):
+        # Said up front, DeepSpeed's choice of the CPU accelerator is an INFO line, not a console warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # The DeepSpeed launcher does not set it and multi-process CPU runs get 10x slower without it.
     if "OMP_NUM_THREADS" not in os.environ and os.environ.get("WORLD_SIZE", "1") != "1":
         os.environ["OMP_NUM_THREADS"] = "1"

@@ -108,11 +108,24 @@ def results_markdown(summaries: list[dict], title: str = "Accuracy per turn (%)"
                 avg = f"**{avg}**"
             lines.append(f"| {label(s['method'])} | " + " | ".join(_with_spread(s, t) for t in turns)
                          + f" | {avg}{_spread(s, 'Avg')} | {_fmt(s.get('agreement'))} |")
-        lines.append("")
+        lines += ["", standing(members), ""] if any(s["method"] == "metacompress" for s in members) else [""]
     lines.append("Agree: share of turns whose answer equals the full-token model's answer (%)."
                  + (" ± : standard deviation over `evaluate.seeds` (stochastic methods)."
                     if any(s.get("Avg_std") is not None for s in summaries) else ""))
     return "\n".join(lines) + "\n"
+
+
+def standing(members: list[dict]) -> str:
+    """One line on MetaCompress against the other reduced methods of one rate: which it does not beat (Avg at
+    least its own), or that it beats every one."""
+    ours = next(s["Avg"] for s in members if s["method"] == "metacompress")
+    if ours is None:
+        return ""
+    others = [s for s in members if s["method"] not in ("full", "metacompress") and s["Avg"] is not None]
+    unbeaten = [f"{label(s['method'])} ({_fmt(s['Avg'])})" for s in others if s["Avg"] >= ours]
+    if unbeaten:
+        return f"MetaCompress ({_fmt(ours)}) does not beat: {', '.join(unbeaten)}."
+    return f"MetaCompress ({_fmt(ours)}) beats every other method evaluated here ({len(others)})."
 
 
 def _spread(s: dict, key: str) -> str:

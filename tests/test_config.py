@@ -32,6 +32,10 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     ({"train": {"zero_stage": 4}}, r"train.zero_stage: 4 is not one of \[0, 1, 2, 3\]"),
     ({"train": {"rates": [0.5, 1.0]}}, r"train.rates: every rate must be in \(0, 1\)"),
     ({"shards": {"format": "csv"}}, "shards.format"),
+    ({"train": {"heldout_dialogues": -1}}, r"train.heldout_dialogues = -1: must be >= 0"),
+    ({"shards": {"verify": "yes"}}, "shards.verify: expected bool"),
+    ({"extract": {"quantize": "int8"}}, "extract.quantize = int8 needs extract.cache: pre_projector"),
+    ({"extract": {"cache": "pre_projector"}, "train": {"zero_stage": 3}}, "pre_projector needs train.zero_stage"),
     ({"teacher": {"top_k": True}}, "teacher.top_k: expected int"),
     ({"model": "x"}, "model: expected a mapping"),
 ])

@@ -5,6 +5,7 @@ MLflow store."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -98,11 +99,15 @@ def test_evaluate_tables_match_a_plain_recomputation_and_cache_per_method_and_ra
         assert float(row["Agree"]) == pytest.approx(100 * sum(same) / len(same))
     assert float(table[("0.5", "Base")]["Agree"]) == 100.0
 
-    # the promotion decision used the table's numbers at the candidate's rate
-    avg = {row["method"]: float(row["Avg"]) for (rate, _), row in table.items() if rate == "0.5"}
+    # the test split only reports; the registry decides on the validation split (here the same file), with the
+    # numbers of that split's table at the candidate's rate
+    assert report.promotion is None
+    val_report = evaluate.run(config, "val", progress=False)
+    val_table = {(row["rate"], row["method"]): row for row in read_csv(Path(val_report.reports_dir) / "results.csv")}
+    avg = {row["method"]: float(row["Avg"]) for (rate, _), row in val_table.items() if rate == "0.5"}
     ours = avg.pop(label("metacompress"))
     avg.pop("Base")
-    decision = report.promotion
+    decision = val_report.promotion
     assert decision["rate"] == 0.5 and decision["candidate_avg"] == pytest.approx(ours)
     assert decision["best_baseline_avg"] == pytest.approx(max(avg.values()))
     assert decision["promoted"] == (ours > max(avg.values()))
@@ -256,3 +261,29 @@ def test_reports_put_base_first_in_every_rate_block(tmp_path):
     assert "| Random | 50.00 ± 4.00 | 60.00 ± 2.50 | 55.00 ± 3.00 | 50.00 |" in results_markdown(summaries + [seeded])
     paths = write_reports(summaries, [], tmp_path)
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_report_files_are_reused_only_while_their_hashes_hold(tmp_path):
+    import hashlib
+
+    from stages.evaluate.report_files import write_report_files
+
+    def s(method, rate, avg):
+        return {"method": method, "rate": rate, "Acc_1": avg, "Avg": avg, "agreement": 50.0, "ttft_ms": 10.0,
+                "e2e_ms": 30.0, "peak_mem_gb": 0.1, "tflops": 0.5, "kv_cache_len": 20.0, "visual_tokens": 8}
+
+    summaries = [s("full", None, 90.0), s("sample", 0.9, 50.0), s("metacompress", 0.9, 70.0)]
+    def render():
+        return write_report_files(summaries, [], lambda: [], str(tmp_path), 4, "key-1")
+
+    render()
+    results = tmp_path / "results.md"
+    original = results.read_bytes()
+    stamp = json.loads((tmp_path / "_render.json").read_text())
+    assert stamp["files"]["results.md"] == hashlib.sha256(original).hexdigest()
+    mtime = results.stat().st_mtime_ns
+    render()  # same outputs, files intact: nothing is drawn again
+    assert results.stat().st_mtime_ns == mtime
+    results.write_text("| MetaCompress | 99.99 |\n")  # a hand-edited or damaged table
+    render()
+    assert results.read_bytes() == original

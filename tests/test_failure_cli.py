@@ -2,6 +2,7 @@
 fix, exit code 2, no traceback (``--debug`` shows it); and nothing starts before the whole config is checked."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -294,3 +295,24 @@ def test_stages_read_past_bad_records_naming_file_and_line(tmp_path):
     assert [r["dialogue_id"] for r in records] == ["a", "c"]
     assert [reason.split(": ", 1)[0] for _, reason in bad] == [f"{path}:{n}" for n in (2, 3, 4, 5)]
     assert "UTF-8" in bad[0][1] and "JSON" in bad[1][1] and "missing" in bad[2][1] and "leaves" in bad[3][1]
+
+
+def test_library_chatter_stays_off_the_quiet_console(tmp_path):
+    """MLflow's own console handler (INFO: database tables created) and DeepSpeed's CPU-accelerator warning."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_LOGGING_LEVEL", "DS_ACCELERATOR")}
+
+    def console(defaults: bool, db: str) -> str:
+        script = ("from pipeline.env import apply_defaults; apply_defaults()\n" if defaults else "") + (
+            "import mlflow, deepspeed\n"
+            f"mlflow.set_tracking_uri('sqlite:///{tmp_path / db}'); mlflow.search_experiments()\n")
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout + done.stderr
+
+    quiet = console(True, "quiet.db")
+    assert "INFO mlflow" not in quiet and "Setting accelerator to CPU" not in quiet, quiet
+    loud = console(False, "loud.db")  # without the defaults both are printed: the check above can fail
+    assert "INFO mlflow" in loud, loud
+    if not os.path.exists("/dev/nvidiactl"):  # DeepSpeed warns only where it falls back to the CPU
+        assert "Setting accelerator to CPU" in loud, loud

@@ -152,3 +152,24 @@ def test_memoised_position_embeddings_follow_parameter_updates():
         memo_path = module(x, 5, layout).matrix
     fresh = module(x, 5, layout).matrix.detach()  # with gradients: no memo
     torch.testing.assert_close(memo_path, fresh)
+
+
+def test_memoised_position_embeddings_are_dropped_when_the_mode_switches():
+    """A write through ``.data`` (as DeepSpeed's optimizer steps write) leaves the version counter alone; a
+    validation pass switches the module to eval first, and must then see the new table."""
+    torch.manual_seed(3)
+    module = MetaCompress(8, compress_dim=4, reference_grid=(3, 3))
+    layout = Layout.grid(4, 4)
+    x = torch.randn(16, 8)
+    module.eval()
+    with torch.no_grad():
+        before = module(x, 5, layout).matrix  # fills the memo
+    module.train()
+    module.position_table.data.add_(torch.randn_like(module.position_table))  # no version bump
+    module.eval()
+    with torch.no_grad():
+        after = module(x, 5, layout).matrix
+    fresh = MetaCompress(8, compress_dim=4, reference_grid=(3, 3))
+    fresh.load_state_dict(module.state_dict())
+    torch.testing.assert_close(after, fresh(x, 5, layout).matrix.detach())
+    assert not torch.allclose(before, after)

@@ -104,7 +104,7 @@ def load_state(directory):
 def zero2_run(workspace, ray_local):
     from stages import train
 
-    config = fresh_work(workspace, "zero2")
+    config = fresh_work(workspace, "zero2", heldout_dialogues=5)  # of the 8 test dialogues (shards of 4 + 1)
     report = train.run(config, progress=False)
     return config, report
 
@@ -122,7 +122,7 @@ def test_zero2_two_workers_learn_identically_and_track(zero2_run):
     assert result["replica_max_abs_diff"] == 0.0 and result["frozen_params_partitioned"] == 0
     directory = train.compressor_dir(config, RATE)
     assert objective(config, directory) < objective(config) - 1e-3
-    assert 0 < result["heldout_kl"] and result["heldout_dialogues"] == 8
+    assert 0 < result["heldout_kl"] and result["heldout_dialogues"] == 5  # train.heldout_dialogues bounds the pass
     # per-step terms reach MLflow from rank 0; the model is registered with the alias
     tracking.setup(config)
     client = MlflowClient()
@@ -221,6 +221,53 @@ def test_zero3_two_workers_match_zero2(workspace, zero2_run):
         torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-5)
 
 
+def validation_kl(config, directory) -> float:
+    """KL per answer token of the compressor in ``directory`` over the whole validation split, in one plain pass."""
+    import torch
+
+    from compress.lvlm import load_adapter
+    from compress.metacompress import MetaCompress
+    from stages.train import make_plan
+    from stages.train.data import CachedSource
+    from stages.train.student import build_student
+
+    student = build_student(load_adapter(config.model.path), config.train, config.train.seed)
+    student.compressor.load_state_dict(MetaCompress.from_pretrained(directory).state_dict())
+    plan = make_plan(config, "val")
+    source = CachedSource(plan["feature_args"], plan["teacher_args"], plan["questions"])
+    with torch.no_grad():
+        return float(student(source.examples([(s, r) for s, n in enumerate(plan["shard_rows"]) for r in range(n)]),
+                             RATE)["kl"])
+
+
+def test_early_stopping_and_candidates_keep_the_lowest_validation_kl(workspace, ray_local):
+    import json
+
+    from stages import train
+    from stages.outputs import rate_dir
+
+    config = fresh_work(workspace, "candidates", epochs=4, validate_every=2, patience=1, heldout_dialogues=0,
+                        validation_dialogues=None, candidates=[{"lr": 1e-7}])
+    build_cache(config, "val")
+    result = train.run(config, progress=False).results[RATE]
+    kls = [result["candidate_0_val_kl"], result["candidate_1_val_kl"]]
+    assert result["candidate"] == kls.index(min(kls)) and result["val_kl_best"] == min(kls)
+    kept = train.compressor_dir(config, RATE)
+    chosen = f"{rate_dir(config, RATE)}/candidate-{result['candidate']}/compressor"
+    assert all((load_state(kept)[k] == v).all() for k, v in load_state(chosen).items())
+    for i in range(2):  # each candidate kept its best validation weights, not its last ones
+        directory = f"{rate_dir(config, RATE)}/candidate-{i}/compressor"
+        log = [json.loads(line) for line in open(f"{directory}/train_log.jsonl")]
+        validated = [(row["val_kl"], row["step"]) for row in log if "val_kl" in row]
+        assert [step for _, step in validated] == list(range(2, 2 * len(validated) + 1, 2))
+        assert min(validated)[0] == pytest.approx(kls[i])
+        assert validation_kl(config, directory) == pytest.approx(kls[i], rel=1e-4)
+        # patience 1: stops at the first validation that is not a new best, else runs all 16 steps
+        first_worse = next((s for (kl, s), (prev, _) in zip(validated[1:], validated) if kl >= min(
+            k for k, t in validated if t < s)), None)
+        assert log[-1]["step"] == (first_worse or 16)
+
+
 def test_cached_and_online_teacher_give_the_same_loss(workspace):
     import torch
 
@@ -272,17 +319,56 @@ def test_epoch_order_partitions_the_data_by_shard_and_reshuffles():
         steps_per_epoch(rows, 2, 9)
 
 
+def test_prefetcher_gives_the_steps_batches_in_order_and_resumes_exactly():
+    from stages.train.data import Prefetcher, batch_keys, steps_per_epoch
+
+    rows = [4, 4, 3, 4, 2]
+    per_epoch = steps_per_epoch(rows, 2, 2)
+
+    class Recording:  # a source whose examples are its keys: what the loop would get, in order
+        def examples(self, keys):
+            return list(keys)
+
+    def keys_of(step):
+        return batch_keys(rows, 5, step, 1, 2, 2, per_epoch)
+
+    direct = [keys_of(s) for s in range(3 * per_epoch)]
+    fetched = Prefetcher(Recording(), keys_of, 0, len(direct))
+    assert [fetched.get(s) for s in range(len(direct))] == direct
+    resumed = Prefetcher(Recording(), keys_of, 5, len(direct), depth=1)  # a resume from step 5's checkpoint
+    assert [resumed.get(s) for s in range(5, len(direct))] == direct[5:]
+    with pytest.raises(ValueError, match="asked for step 3, the next one is 0"):
+        Prefetcher(Recording(), keys_of, 0, 4).get(3)
+
+    class Failing:
+        def examples(self, keys):
+            raise OSError("shard unreadable")
+
+    with pytest.raises(OSError, match="shard unreadable"):  # a read error reaches the loop
+        Prefetcher(Failing(), keys_of, 0, 4).get(0)
+
+
+def test_heldout_plan_takes_the_first_dialogues_in_shard_order():
+    from stages.train.data import heldout_plan
+
+    plan = {"kind": "cached", "shard_rows": [4, 4, 3, 4], "identity": ["x"]}
+    assert heldout_plan(plan, 6)["shard_rows"] == [4, 2, 0, 0]
+    assert heldout_plan(plan, 100)["shard_rows"] == [4, 4, 3, 4]
+    assert heldout_plan(plan, None) is plan and heldout_plan(plan, 0) is None and heldout_plan(None, 6) is None
+    assert plan["shard_rows"] == [4, 4, 3, 4] and heldout_plan(plan, 6)["identity"] == ["x"]
+
+
 def test_deepspeed_config():
     from infra.deepspeed import ds_config
     from pipeline.config import TrainConfig
 
-    cpu = ds_config(TrainConfig(batch_size=36, zero_stage=3, grad_clip=0.01), world_size=4, on_gpu=False,
-                    persist_numel=512)
+    cpu = ds_config(TrainConfig(batch_size=36, zero_stage=3, grad_clip=0.01), world_size=4, persist_numel=512)
     assert (cpu["train_batch_size"], cpu["train_micro_batch_size_per_gpu"]) == (36, 9)
     assert cpu["bf16"]["enabled"] is False and cpu["gradient_clipping"] == 0.01
     assert cpu["zero_optimization"]["stage"] == 3
     assert cpu["zero_optimization"]["stage3_param_persistence_threshold"] == 512
     assert "optimizer" not in cpu and cpu["zero_allow_untested_optimizer"]  # client torch optimizer: no JIT op
-    assert ds_config(TrainConfig(zero_stage=2), 1, on_gpu=True)["bf16"]["enabled"] is True
+    # bf16 mode follows the compressor's dtype, never the device (docs/design.md §6.3)
+    assert ds_config(TrainConfig(zero_stage=2, compressor_dtype="bfloat16"), 1)["bf16"]["enabled"] is True
     with pytest.raises(ValueError, match="multiple of the number of workers"):
-        ds_config(TrainConfig(batch_size=36), world_size=5, on_gpu=False)
+        ds_config(TrainConfig(batch_size=36), world_size=5)

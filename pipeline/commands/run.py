@@ -10,11 +10,11 @@ from pipeline.config import ConfigError, PipelineConfig, load_config
 
 # stage -> (module, splits it runs on). Order matters: each stage reads the previous one's outputs.
 STAGES = {
-    "extract": ("stages.extract", ["train", "test"]),
-    "teacher": ("stages.teacher", ["train", "test"]),
-    "train": ("stages.train", ["train"]),
+    "extract": ("stages.extract", ["train", "val", "test"]),
+    "teacher": ("stages.teacher", ["train", "val", "test"]),
+    "train": ("stages.train", ["train"]),  # early stopping and candidates read the val split's targets
     "tprl": ("stages.tprl", ["train"]),  # skipped unless tprl.enabled
-    "evaluate": ("stages.evaluate", ["test"]),
+    "evaluate": ("stages.evaluate", ["val", "test"]),  # the registry promotes on val; test is what is reported
 }
 # Stages that open their own MLflow run (with their own metrics); the others get one here.
 SELF_TRACKED = {"train", "tprl", "evaluate"}
@@ -178,7 +178,9 @@ def print_summary(config: PipelineConfig, reports: list) -> None:
 
     for report in reports:
         reports_dir = getattr(report, "reports_dir", None)
-        if reports_dir:
+        if getattr(report, "promotion", None):
+            print(f"\nRegistry ({report.split} split): {report.promotion['reason']}")
+        if reports_dir and getattr(report, "split", "test") != "val":
             print("\n" + Path(reports_dir, "results.md").read_text())
             print(f"Tables and plots: {reports_dir}")
     uri = tracking.tracking_uri(config)
@@ -195,6 +197,8 @@ def run_command(args) -> int:
     overrides = parse_overrides(args.set)
     if args.overwrite:
         overrides["shards.overwrite"] = True
+    if args.verify:
+        overrides["shards.verify"] = True
     config = load_config(args.config or DEFAULT_CONFIG, overrides)
     stage_names = parse_stages(args.stages)
     preflight(config, stage_names)  # before anything is written
@@ -213,4 +217,7 @@ def register(subparsers) -> None:
     p.add_argument("--stages", help=f"comma-separated subset of: {', '.join(STAGES)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--overwrite", action="store_true", help="delete outputs made with another config and recompute")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every finished shard before reusing it (default: its sidecar and size; readers hash "
+                        "each shard they read)")
     p.set_defaults(func=run_command)

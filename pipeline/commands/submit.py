@@ -24,7 +24,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # gitignore syntax, relative to the project root ("/x/": only the top-level x). Ray also honours .gitignore;
 # these hold without one (an exported tree) and keep the upload to the sources (Ray's limit is 512 MiB).
-EXCLUDES = ["/.venv/", "/.git/", "/work/", "/data/", "/mlruns/", "/mlartifacts/", "/build/", "*.db",
+EXCLUDES = ["/.venv/", "/.git/", "/work/", "/data/", "/mlruns/", "/mlartifacts/", "/build/", "/.whl/", "*.db",
             "__pycache__/", "*.pyc", ".pytest_cache/", "*.egg-info/"]
 # How processes find each other and authenticate is the cluster's business: the job inherits these from the
 # cluster's own `ray start` (see ray_cluster.yaml), the submitter's defaults (loopback, no auth) would be wrong there.

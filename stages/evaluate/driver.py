@@ -26,6 +26,7 @@ log = logging.getLogger("metacompress")
 
 @dataclass
 class EvaluationReport(StageReport):
+    split: str = ""
     summaries: list[dict] = field(default_factory=list)
     reports_dir: str = ""
     agreement_reference: str = ""
@@ -132,7 +133,7 @@ def run(config: PipelineConfig, split: str = "test", progress: bool = True) -> E
                                config.evaluate.batch_size, render_key)
 
     report = EvaluationReport(STAGE, eval_uri(config, split), len(jobs) * len(ranges), tasks,
-                              computed_records, errors, time.perf_counter() - start, summaries=summaries,
+                              computed_records, errors, time.perf_counter() - start, split=split, summaries=summaries,
                               reports_dir=target, agreement_reference=ref_source, skipped=skipped,
                               computed_outputs=computed)
     report.promotion = track(config, split, jobs, summaries, paths, ref_source, skipped)

@@ -11,6 +11,9 @@ from stages.outputs import EVALUATE as STAGE
 
 log = logging.getLogger("metacompress")
 
+# The split the registry decides on: choosing by the test split would make its numbers a selection, not a measurement.
+PROMOTION_SPLIT = "val"
+
 
 def _metric_prefix(method: str, rate: float | None) -> str:
     return method if rate is None else f"{method}/r{rate:g}"
@@ -34,7 +37,8 @@ def evaluated_compressors(config: PipelineConfig, jobs: list[Job], summaries: li
 
 def track(config: PipelineConfig, split: str, jobs: list[Job], summaries: list[dict], reports_path: str,
           agreement_reference: str, skipped: list[str]) -> dict | None:
-    """Log params, metrics and report files to the stage's MLflow run; promote the candidate. Returns the decision."""
+    """Log params, metrics and report files to the stage's MLflow run; on the validation split, promote the candidate.
+    Returns the decision (None on other splits, or when no compressor was evaluated)."""
     import mlflow
 
     from pipeline import tracking
@@ -56,7 +60,7 @@ def track(config: PipelineConfig, split: str, jobs: list[Job], summaries: list[d
         if skipped:
             mlflow.log_dict({"skipped": skipped}, f"reports/{split}/skipped.json")
         evaluated = evaluated_compressors(config, jobs, summaries)
-        if not evaluated:
+        if not evaluated or split != PROMOTION_SPLIT:  # the test split only reports (docs/design.md §6)
             return None
         decision = promote(tracking.tracking_uri(config), config.tracking.registered_model, evaluated).to_dict()
         mlflow.log_dict(decision, "promotion.json")

@@ -23,6 +23,8 @@ def _cached_features(config: PipelineConfig, split: str, ids: list[str]) -> dict
     found, wanted = {}, set(ids)
     for i in range(out.manifest()["num_shards"]):
         for r in out.read_records(i):
+            if "ref_shard" in r:  # a pre-projector cache (docs/design.md §3.3): the caller encodes the images
+                return {}
             if r["dialogue_id"] in wanted:
                 x, layout = feature_row(r)
                 found[r["dialogue_id"]] = (x.float(), layout)
@@ -31,9 +33,28 @@ def _cached_features(config: PipelineConfig, split: str, ids: list[str]) -> dict
     return found
 
 
+def _encode_on_actor(config: PipelineConfig, paths: list[str]) -> list:
+    """``EvalWorker.encode_images`` on one evaluate actor (the stage's resources), which is then ended: the driver
+    never loads the LVLM (docs/design.md §6.4)."""
+    import ray
+
+    from pipeline.cluster import actor_gpus, device_for
+    from stages.common import model_actor
+    from stages.evaluate.worker import EvalWorker
+    from stages.outputs import EVALUATE
+
+    gpus = actor_gpus(config, EVALUATE)
+    actor = model_actor(EvalWorker, gpus, config.resources.evaluate.num_cpus).remote(
+        config.model.path, config.model.dtype, device_for(gpus), {}, None)
+    try:
+        return ray.get(actor.encode_images.remote(paths))
+    finally:
+        ray.kill(actor)
+
+
 def matrix_items(config: PipelineConfig, split: str, jobs: list[Job], records: list[dict]) -> list[dict]:
     """P of each evaluated MetaCompress rate for the first ``evaluate.matrix_images`` images (paper figures 6-7),
-    from the extract stage's cached features (else the images are encoded here, on the driver's CPU)."""
+    from the extract stage's cached features (else an evaluate actor encodes the images; Ray must be running)."""
     import numpy as np
     import torch
 
@@ -46,21 +67,22 @@ def matrix_items(config: PipelineConfig, split: str, jobs: list[Job], records: l
     if not mc or not chosen:
         return []
     features = _cached_features(config, split, [d["dialogue_id"] for d in chosen])
-    adapter = None
+    missing = [d for d in chosen if d["dialogue_id"] not in features]
+    errors = {}
+    for d, got in zip(missing, _encode_on_actor(config, [d["image"] for d in missing]) if missing else []):
+        if isinstance(got, str):
+            errors[d["dialogue_id"]] = got
+        else:
+            features[d["dialogue_id"]] = got
     encoded = []
     with torch.no_grad():
         for d in chosen:
             try:
                 image = np.asarray(load_image(d["image"]))
-                if d["dialogue_id"] not in features:
-                    if adapter is None:
-                        from compress.lvlm import load_adapter
-
-                        adapter = load_adapter(config.model.path, dtype=getattr(torch, config.model.dtype))
-                    enc = adapter.encode(d["image"])
-                    features[d["dialogue_id"]] = (enc.tokens.float(), enc.layout)
             except (FileNotFoundError, ValueError, OSError) as err:
-                log.warning("evaluate: no P plot for %s (%s)", d["dialogue_id"], err)
+                errors[d["dialogue_id"]] = str(err)
+            if d["dialogue_id"] in errors:
+                log.warning("evaluate: no P plot for %s (%s)", d["dialogue_id"], errors[d["dialogue_id"]])
                 continue
             encoded.append((d, *features[d["dialogue_id"]], image))
         items = []
@@ -77,20 +99,35 @@ def matrix_items(config: PipelineConfig, split: str, jobs: list[Job], records: l
 def write_report_files(summaries, per_turn, matrices, target: str, batch_size: int, render_key: str) -> str:
     """Reports into ``target`` (a local path, or any pyarrow.fs URI: written locally, then copied); ``matrices()``
     makes the P plot items. A local ``target`` already rendered from the same outputs (``_render.json`` holds
-    ``render_key``) is left as it is, so a re-run does not redraw. Returns the local directory holding them."""
+    ``render_key`` and each file's sha256) and unchanged since is left as it is, so a re-run does not redraw.
+    Returns the local directory holding them."""
     import tempfile
     from pathlib import Path
 
     from pipeline.reports import write_reports
 
+    from pipeline.hashing import file_sha256
+
     local = target if "://" not in target else tempfile.mkdtemp(prefix="metacompress-reports-")
     stamp = Path(local, "_render.json")
-    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == render_key and \
-            all(Path(local, name).is_file() for name in json.loads(stamp.read_text())["files"]):
+    try:
+        done = json.loads(stamp.read_text())
+    except (FileNotFoundError, ValueError):
+        done = {}
+    files = done.get("files") if isinstance(done, dict) else None
+    # Reused only when rendered from the same outputs and every file still has the sha256 it was written with (the
+    # integrity chain of docs/design.md §8): an edited or damaged report is drawn again, never served.
+    if done.get("key") == render_key and isinstance(files, dict) and files and \
+            all(Path(local, n).is_file() and file_sha256(str(Path(local, n))) == h for n, h in files.items()):
         return local
+    if done:
+        log.warning("evaluate: reports in %s are out of date or changed since they were written; drawing them again",
+                    local)
     written = write_reports(summaries, per_turn, local, matrices(), batch_size)
     Path(local, "summaries.json").write_text(json.dumps(summaries, indent=1) + "\n")
-    stamp.write_text(json.dumps({"key": render_key, "files": [p.name for p in written] + ["summaries.json"]}) + "\n")
+    names = [p.name for p in written] + ["summaries.json"]
+    stamp.write_text(json.dumps({"key": render_key, "files": {n: file_sha256(str(Path(local, n))) for n in names}})
+                     + "\n")
     if local != target:
         import pyarrow.fs as pafs
 

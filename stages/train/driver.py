@@ -14,6 +14,7 @@ from pipeline.config import PipelineConfig
 from stages.common import load_split, shard_ranges, split_limit
 from stages.outputs import TRAIN as STAGE
 from stages.outputs import compressor_dir, rate_dir, write_trained_marker
+from stages.train.data import heldout_plan
 from stages.train.worker import train_loop
 
 log = logging.getLogger("metacompress")
@@ -77,7 +78,7 @@ def run_hash(config: PipelineConfig, rate: float, plan: dict) -> str:
     from pipeline.hashing import config_hash
 
     train = {k: v for k, v in config.to_dict()["train"].items()
-             if k not in ("rates", "checkpoint_every", "max_failures")}
+             if k not in ("rates", "checkpoint_every", "max_failures", "heldout_dialogues")}
     return config_hash({"train": train, "rate": rate, "data": plan["identity"]})[:16]
 
 
@@ -101,19 +102,20 @@ class TrainReport:
                 f"{self.seconds:.1f} s; " + "; ".join(parts) + f" -> {self.uri}")
 
 
-def _loop_config(config: PipelineConfig, rate: float, plan: dict, heldout: dict | None, use_gpu: bool,
-                 rhash: str, tracking: tuple[str | None, str | None]) -> dict:
+def _loop_config(config: PipelineConfig, rate: float, plan: dict, heldout: dict | None, validation: dict | None,
+                 use_gpu: bool, rhash: str, tracking: tuple[str | None, str | None], out_dir: str) -> dict:
     import dataclasses
 
     return {"train": dataclasses.asdict(config.train), "model_path": config.model.path,
             "model_dtype": config.model.dtype, "use_gpu": use_gpu, "rate": rate, "plan": plan, "heldout": heldout,
-            "run_hash": rhash, "compressor_dir": compressor_dir(config, rate), "tracking_uri": tracking[0],
+            "validation": validation, "run_hash": rhash, "compressor_dir": out_dir, "tracking_uri": tracking[0],
             "run_id": tracking[1], "crash_after_step": os.environ.get(CRASH_ENV)}
 
 
 def train_rate(config: PipelineConfig, rate: float, plan: dict, heldout: dict | None,
-               tracking_run_id: str | None) -> dict:
-    """Fit one compressor with Ray Train; returns the last metrics reported by rank 0."""
+               tracking_run_id: str | None, validation: dict | None = None, out_dir: str | None = None) -> dict:
+    """Fit one compressor with Ray Train into ``out_dir`` (default: the rate's compressor directory); returns the
+    last metrics reported by rank 0."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -132,10 +134,73 @@ def train_rate(config: PipelineConfig, rate: float, plan: dict, heldout: dict | 
                            failure_config=FailureConfig(max_failures=config.train.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2))
     trainer = TorchTrainer(train_loop, train_loop_config=_loop_config(
-        config, rate, plan, heldout, gpus >= 1, rhash, (tracking_uri(config), tracking_run_id)),
+        config, rate, plan, heldout, validation, gpus >= 1, rhash, (tracking_uri(config), tracking_run_id),
+        out_dir or compressor_dir(config, rate)),
         scaling_config=scaling, run_config=run_config)
     result = trainer.fit()
     return dict(result.metrics or {})
+
+
+def _validation_plan(config: PipelineConfig) -> dict:
+    """The validation split's first ``train.validation_dialogues`` dialogues (features and teacher targets)."""
+    try:
+        found = make_plan(config, "val")
+    except FileNotFoundError:
+        found = None
+    if found is None:
+        raise FileNotFoundError(f"train: train.validate_every = {config.train.validate_every} needs the validation "
+                                f"split's features and teacher targets ({config.data.val}); run the extract and teacher "
+                                "stages (they cover data.val) first, or set train.validate_every: 0")
+    return heldout_plan(found, config.train.validation_dialogues)
+
+
+def candidate_configs(config: PipelineConfig) -> list[PipelineConfig]:
+    """The train section itself, then each of ``train.candidates`` applied to it (duplicates dropped)."""
+    import dataclasses
+
+    out: list[PipelineConfig] = []
+    for overrides in [{}] + [c.overrides() for c in config.train.candidates]:
+        # candidates=[]: a candidate's hash is that of a plain run with its settings
+        variant = dataclasses.replace(config, train=dataclasses.replace(config.train, candidates=[], **overrides))
+        if all(v.train != variant.train for v in out):
+            out.append(variant)
+    return out
+
+
+def choose(results: list[dict]) -> int:
+    """Index of the candidate with the lowest best validation KL (the first on ties)."""
+    return min(range(len(results)), key=lambda i: (results[i]["val_kl_best"], i))
+
+
+def _train_candidates(config: PipelineConfig, rate: float, plan: dict, heldout: dict | None, validation: dict,
+                      tracking_run_id: str | None) -> dict:
+    """Train every candidate of ``rate`` (each reused when already finished), keep the one with the lowest
+    validation KL as the rate's compressor; its metrics plus every candidate's validation KL."""
+    import shutil
+
+    results, dirs = [], []
+    for i, variant in enumerate(candidate_configs(config)):
+        out = f"{rate_dir(config, rate)}/candidate-{i}"
+        rhash = run_hash(variant, rate, plan)
+        marker = Path(out) / "_SUCCESS"
+        done = _finished(marker, rhash, f"{out}/compressor")
+        if done is None:
+            t = variant.train
+            log.info("train: rate %s, candidate %d: optimizer %s, lr %g, generator %s, entropy/collapse weights %g/%g",
+                     rate, i, t.optimizer, t.lr, t.generator, t.entropy_weight, t.collapse_weight)
+            metrics = train_rate(variant, rate, plan, heldout, tracking_run_id, validation, f"{out}/compressor")
+            write_trained_marker(str(marker), f"{out}/compressor", {"run_hash": rhash, "metrics": metrics})
+            done = {"metrics": metrics}
+        results.append(done["metrics"])
+        dirs.append(f"{out}/compressor")
+    best = choose(results)
+    target = Path(compressor_dir(config, rate))
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(dirs[best], target)
+    summary = {f"candidate_{i}_val_kl": r["val_kl_best"] for i, r in enumerate(results)}
+    log.info("train: rate %s: candidate %d kept (validation KL %s)", rate, best,
+             ", ".join(f"{v:.4f}" for v in summary.values()))
+    return {**results[best], **summary, "candidate": best}
 
 
 def _finished(marker: Path, rhash: str, directory: str) -> dict | None:
@@ -167,7 +232,8 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     if plan is None:
         raise FileNotFoundError(f"train: no teacher cache for split {split!r} under {config.work_dir}; run the "
                                 "extract and teacher stages first (or set train.online_teacher: true)")
-    heldout = make_plan(config, "test") if split != "test" else None
+    heldout = heldout_plan(make_plan(config, "test"), config.train.heldout_dialogues) if split != "test" else None
+    validation = _validation_plan(config) if config.train.validate_every > 0 else None
     report = TrainReport(STAGE, f"{config.work_dir}/{STAGE}", list(config.train.rates), 0, 0.0)
     with tracking.stage_run(config, STAGE, params=tracking.flatten({"train": config.to_dict()["train"]})):
         for rate in config.train.rates:
@@ -178,7 +244,10 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
                 report.results[rate] = done["metrics"]
                 continue
             with tracking.nested_run(f"{STAGE}/rate-{rate}", params={"rate": rate, "run_hash": rhash}) as run_:
-                metrics = train_rate(config, rate, plan, heldout, run_.info.run_id)
+                if config.train.candidates:
+                    metrics = _train_candidates(config, rate, plan, heldout, validation, run_.info.run_id)
+                else:
+                    metrics = train_rate(config, rate, plan, heldout, run_.info.run_id, validation)
                 version = tracking.log_compressor(compressor_dir(config, rate), config,
                                                   tags={"rate": str(rate), "run_hash": rhash})
                 metrics = {**metrics, "model_version": int(version.version)}

@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 
 from stages.train.student import build_student
+from stages.train.validation import EarlyStopping, kl_pass, load_weights
 
 
 def _make_source(plan: dict, adapter):
     from stages.train.data import CachedSource, OnlineSource
 
     if plan["kind"] == "cached":
-        return CachedSource(plan["feature_args"], plan["teacher_args"], plan["questions"])
+        return CachedSource(plan["feature_args"], plan["teacher_args"], plan["questions"], adapter)
     return OnlineSource(adapter, plan["shards"], plan["top_k"], plan["max_new_tokens"], plan["storage_dtype"])
 
 
@@ -67,7 +68,7 @@ def train_loop(cfg: dict) -> None:
     device = f"cuda:{ctx.get_local_rank()}" if on_gpu else "cpu"
     if on_gpu:
         torch.cuda.set_device(device)
-    dtype = torch.bfloat16 if on_gpu else getattr(torch, cfg["model_dtype"])
+    dtype = getattr(torch, cfg["model_dtype"])  # on every device: evaluate runs the LVLM so (docs/design.md §6.3)
     adapter = load_adapter(cfg["model_path"], device=device, dtype=dtype)
     auto_share = None
     if tc.generator == "auto":  # decided on the first batch of every rank, averaged: the same on all of them
@@ -98,26 +99,35 @@ def train_loop(cfg: dict) -> None:
     # load_checkpoint unpickles, so it is never called; a damaged or foreign checkpoint restarts the rate from 0.
     from stages.train import checkpoints
 
-    step, last, _extra = checkpoints.resume(ray.train.get_checkpoint(), engine, student.compressor, rank, world,
-                                            cfg["run_hash"])
+    step, last, extra = checkpoints.resume(ray.train.get_checkpoint(), engine, student.compressor, rank, world,
+                                           cfg["run_hash"])
+    validation = cfg.get("validation") if tc.validate_every > 0 else None
+    stopping = EarlyStopping.from_dict(tc.patience, extra.get("early_stopping"))
+    best_dir = f"{cfg['compressor_dir']}.best"
+    best_state = _read_best(best_dir, extra.get("best_sha256")) if validation and stopping.best_step else None
+    if validation and stopping.best_step and best_state is None:  # its file is gone or changed: start the search over
+        stopping = EarlyStopping(tc.patience)
 
     def save_and_report(metrics: dict) -> None:
         # Every rank writes its own files; Ray merges the ranks' files into one checkpoint directory.
         with tempfile.TemporaryDirectory() as tmp:
             checkpoints.save(tmp, engine, student.compressor, rank, world, tc.zero_stage, step, cfg["run_hash"],
-                             last)
+                             last, {"early_stopping": stopping.to_dict(), "best_sha256": best_sha})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    best_sha = extra.get("best_sha256") if best_state is not None else None
     source = _make_source(plan, adapter)
+    val_source = _make_source(validation, adapter) if validation else None
     metrics_log = _MetricLog(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else _MetricLog(None, None)
     crash_after = cfg.get("crash_after_step")
     setup_seconds, first_step = time.perf_counter() - started, step
     curve: list[dict] = []  # this attempt's steps, saved beside the compressor (analyze compressor plots them)
     engine.train()
-    while step < total:
+    batches = _batches(source, plan, lambda s: batch_keys(plan["shard_rows"], tc.seed, s, rank, world, micro,
+                                                          per_epoch), step, total, tc.zero_stage)
+    while step < total and not (validation and stopping.stop):  # a resumed run that had stopped stays stopped
         t0 = time.perf_counter()
-        keys = batch_keys(plan["shard_rows"], tc.seed, step, rank, world, micro, per_epoch)
-        out = engine(source.examples(keys), rate)
+        out = engine(batches(step), rate)
         engine.backward(out["loss"])
         engine.step()
         step += 1
@@ -125,8 +135,19 @@ def train_loop(cfg: dict) -> None:
         last = {"loss": out["loss"].item(), "kl": out["kl"].item(), "entropy": out["entropy"].item(),
                 "collapse": out["collapse"].item(), "lr": engine.get_lr()[0], "step_seconds": seconds,
                 "dialogues_per_second": micro * world / seconds, "epoch": (step - 1) // per_epoch}
+        stop = False
+        if validation and (step % tc.validate_every == 0 or step == total):
+            # Early stopping on the validation split (docs/design.md §4.2): every rank gets the same all-reduced KL.
+            last["val_kl"] = kl_pass(engine, validation, lambda _: val_source, rate, rank, world,
+                                     micro)["metacompress"]
+            if stopping.update(last["val_kl"], step):
+                best_state = full_fp32_state(student.compressor)  # a collective under ZeRO
+                best_sha = _broadcast_text(_write_best(best_state, best_dir) if rank == 0 else None, rank)
+            stop = stopping.stop
         metrics_log.add(last, step)
         curve.append({"step": step, **last})
+        if stop:
+            break
         if step % 10 == 0:
             metrics_log.flush()
         if step % tc.checkpoint_every == 0 and step < total:  # the last one is saved with the result below
@@ -137,16 +158,19 @@ def train_loop(cfg: dict) -> None:
             os._exit(1)  # a hard crash (test hook): no cleanup, no report
 
     train_seconds = time.perf_counter() - started - setup_seconds
+    stopped_at = step
+    if best_state is not None:  # the weights kept are the best on the validation split, not the last ones
+        load_weights(student.compressor, best_state)
+        last = {**last, "val_kl_best": stopping.best_kl, "best_step": stopping.best_step, "stopped_at": stopped_at,
+                "stopped_early": float(stopped_at < total)}
     # The result: the full fp32 weights (a collective), identical on every replica, saved by rank 0.
-    state = full_fp32_state(student.compressor)
+    state = best_state if best_state is not None else full_fp32_state(student.compressor)
     flat = torch.cat([t.flatten() for t in state.values()])
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     replica_diff = max(float((g - flat).abs().max()) for g in gathered)
     if rank == 0:
-        final = MetaCompress(**_init_kwargs(student.compressor.config))
-        final.load_state_dict(state)
-        _save_atomic(final, cfg["compressor_dir"])
+        _save_atomic(final_compressor(student.compressor.config, state, tc.compressor_dtype), cfg["compressor_dir"])
         _write_curve(curve, cfg["compressor_dir"])
     peak = torch.tensor([float(_peak_memory_bytes(on_gpu))])
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -158,11 +182,25 @@ def train_loop(cfg: dict) -> None:
               "peak_memory_bytes_per_worker": float(peak),
               "frozen_params_partitioned": sum(1 for p in student.lvlm.parameters()
                                                if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False))}
-    result.update(_heldout(engine, cfg, rate, rank, world, micro, adapter))
+    if cfg.get("heldout"):
+        held = kl_pass(engine, cfg["heldout"], lambda p: _make_source(p, adapter), rate, rank, world, micro,
+                       ("metacompress", "sample"))
+        result.update({"heldout_kl": held["metacompress"], "heldout_kl_sample": held["sample"],
+                       "heldout_tokens": held["tokens"], "heldout_dialogues": held["dialogues"]})
     metrics_log.add({k: v for k, v in result.items() if k.startswith("heldout")}, step)
     metrics_log.flush()
     # Ray Train keeps the metrics of the latest checkpoint as the result: the final report carries one.
     save_and_report(result)
+
+
+def _batches(source, plan: dict, keys_of, start: int, stop: int, zero_stage: int):
+    """step -> its examples: prefetched on a thread for the cached teacher (stages/train/data.py ``Prefetcher``);
+    computed in the step for the online teacher and under ZeRO-3, whose model forwards are collectives."""
+    from stages.train.data import Prefetcher
+
+    if plan["kind"] != "cached" or zero_stage == 3:
+        return lambda step: source.examples(keys_of(step))
+    return Prefetcher(source, keys_of, start, stop).get
 
 
 def _peak_memory_bytes(on_gpu: bool) -> int:
@@ -181,6 +219,17 @@ def _init_kwargs(config: dict) -> dict:
             "kernel_size": config["kernel_size"], "reference_grid": tuple(config["reference_grid"]),
             "pooling": config.get("pooling", "avg"), "generator": config.get("generator", "paper"),
             "temperature": config.get("temperature", 20.0)}
+
+
+def final_compressor(config: dict, state: dict, compute_dtype: str):
+    """The MetaCompress to save: the full fp32 ``state`` and the compute dtype of training in its config, which
+    every loader restores (``MetaCompress.from_pretrained``), so evaluate's P is training's (docs/design.md §6.3)."""
+    from compress.metacompress import MetaCompress
+
+    final = MetaCompress(**_init_kwargs(config))
+    final.load_state_dict(state)
+    final.config["compute_dtype"] = compute_dtype
+    return final
 
 
 def _write_curve(curve: list[dict], directory: str) -> None:
@@ -202,36 +251,41 @@ def _save_atomic(module, directory: str) -> None:
     tmp.rename(target)
 
 
-def _heldout(engine, cfg: dict, rate: float, rank: int, world: int, micro: int, adapter) -> dict:
-    """Mean KL per answer token on the held-out split (MetaCompress and, for reference, Sample). Every worker
-    runs the same number of forwards (ZeRO-3 gathers are collectives); padding batches get weight 0."""
-    import torch
+def _write_best(state: dict, directory: str) -> str:
+    """The best weights so far (safetensors, for a resumed run); returns their sha256."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from pipeline.hashing import file_sha256
+
+    target = Path(directory)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return file_sha256(str(target / "model.safetensors"))
+
+
+def _read_best(directory: str, sha256: str | None) -> dict | None:
+    """The best weights a resumed run recorded, or None when their file is missing or not the one recorded."""
+    from safetensors.torch import load_file
+
+    from pipeline.hashing import file_sha256
+
+    path = Path(directory) / "model.safetensors"
+    if not sha256 or not path.is_file() or file_sha256(str(path)) != sha256:
+        return None
+    return load_file(str(path))
+
+
+def _broadcast_text(text: str | None, rank: int) -> str | None:
+    """Rank 0's ``text`` on every rank."""
     import torch.distributed as dist
 
-    from stages.train.data import rank_shards
-
-    plan = cfg.get("heldout")
-    if not plan:
-        return {}
-    rows = plan["shard_rows"]
-    per_rank = [[(s, r) for s in rank_shards(len(rows), k, world) for r in range(rows[s])] for k in range(world)]
-    batches = max(-(-len(keys) // micro) for keys in per_rank)
-    mine = per_rank[rank]
-    source = _make_source(plan, adapter)
-    sums = torch.zeros(4, dtype=torch.float64)  # kl*tokens (metacompress), kl*tokens (sample), tokens, dialogues
-    engine.eval()
-    with torch.no_grad():
-        for b in range(batches):
-            keys = mine[b * micro:(b + 1) * micro]
-            weight = 1.0 if keys else 0.0
-            keys = keys or [(0, 0)]  # a dummy batch keeps the forwards in step
-            examples = source.examples(keys)
-            ours, sample = engine(examples, rate), engine(examples, rate, method="sample")
-            sums += torch.tensor([ours["kl"].item() * ours["tokens"], sample["kl"].item() * sample["tokens"],
-                                  ours["tokens"], len(keys)], dtype=torch.float64) * weight
-    dist.all_reduce(sums)
-    tokens = max(float(sums[2]), 1.0)
-    return {"heldout_kl": float(sums[0]) / tokens, "heldout_kl_sample": float(sums[1]) / tokens,
-            "heldout_tokens": float(sums[2]), "heldout_dialogues": float(sums[3])}
-
-
+    box = [text if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]

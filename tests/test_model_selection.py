@@ -1,0 +1,60 @@
+"""Early stopping, the choice among train candidates and the results table's standing line, on hand-made values."""
+
+import pytest
+
+
+def test_early_stopping_keeps_the_strict_minimum_and_stops_after_patience():
+    from stages.train.validation import EarlyStopping
+
+    stop = EarlyStopping(patience=2)
+    decisions = [stop.update(kl, step) for kl, step in [(3.0, 10), (2.0, 20), (2.0, 30), (2.5, 40)]]
+    assert decisions == [True, True, False, False]  # a tie is not a new best
+    assert (stop.best_kl, stop.best_step, stop.stale, stop.stop) == (2.0, 20, 2, True)
+    again = EarlyStopping.from_dict(2, stop.to_dict())  # what a resumed run restores
+    assert again == stop
+    never = EarlyStopping(patience=0)
+    for step in range(1, 50):
+        never.update(1.0, step)
+    assert not never.stop and never.best_step == 1
+
+
+def test_choose_takes_the_lowest_validation_kl_and_the_first_on_ties():
+    from stages.train.driver import choose
+
+    assert choose([{"val_kl_best": 0.5}, {"val_kl_best": 0.2}, {"val_kl_best": 0.3}]) == 1
+    assert choose([{"val_kl_best": 0.2}, {"val_kl_best": 0.2}]) == 0
+
+
+def test_candidates_apply_their_settings_and_drop_duplicates():
+    from pipeline.config import ConfigError, config_from_dict
+    from stages.train.driver import candidate_configs, run_hash
+
+    base = {"model": {"path": "m"}, "train": {"validate_every": 5, "entropy_weight": 1.0, "collapse_weight": 1.0}}
+    config = config_from_dict({**base, "train": {**base["train"], "candidates": [
+        {"entropy_weight": 0.1, "collapse_weight": 0.1}, {"entropy_weight": 1.0}, {"lr": 0.01}]}})
+    variants = candidate_configs(config)
+    assert [(v.train.entropy_weight, v.train.collapse_weight, v.train.lr) for v in variants] == \
+        [(1.0, 1.0, 1e-3), (0.1, 0.1, 1e-3), (1.0, 1.0, 0.01)]  # {"entropy_weight": 1.0} is the section itself
+    plain = config_from_dict(base)
+    plan = {"identity": ["data"]}
+    # candidate 0 is reused by a run without candidates; the rate as a whole is not (its choice differs)
+    assert run_hash(variants[0], 0.9, plan) == run_hash(plain, 0.9, plan) != run_hash(config, 0.9, plan)
+    with pytest.raises(ConfigError, match="validate_every"):
+        config_from_dict({"model": {"path": "m"}, "train": {"candidates": [{"lr": 0.01}]}})
+    with pytest.raises(ConfigError, match="sets nothing"):
+        config_from_dict({"model": {"path": "m"}, "train": {"validate_every": 5, "candidates": [{}]}})
+    with pytest.raises(ConfigError, match="optimizer"):
+        config_from_dict({"model": {"path": "m"}, "train": {"validate_every": 5, "candidates": [{"optimizer": "x"}]}})
+
+
+def test_standing_names_every_method_not_beaten():
+    from pipeline.reports import results_markdown, standing
+
+    members = [{"method": "full", "rate": None, "Avg": 97.0}, {"method": "metacompress", "rate": 0.9, "Avg": 70.0},
+               {"method": "fastv", "rate": 0.9, "Avg": 84.9}, {"method": "sample", "rate": 0.9, "Avg": 70.0},
+               {"method": "random", "rate": 0.9, "Avg": 50.0}]
+    assert standing(members) == "MetaCompress (70.00) does not beat: FastV (84.90), Sample (70.00)."
+    members[2]["Avg"] = members[3]["Avg"] = 60.0
+    assert standing(members) == "MetaCompress (70.00) beats every other method evaluated here (3)."
+    table = results_markdown([dict(m, Acc_1=m["Avg"]) for m in members])
+    assert "beats every other method evaluated here (3)" in table

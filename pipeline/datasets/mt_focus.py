@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.datasets.mt_shapes import COLORS, DEFAULT_ASPECTS, SHAPES, SIZES, SPLITS, image_shape, split_counts
+# _draw_object: the same shapes as MT-Shapes (a FocusObject has its cx, cy, radius and shape)
+from pipeline.datasets.mt_shapes import (COLORS, DEFAULT_ASPECTS, SHAPES, SIZES, SPLITS, _draw_object, image_shape,
+                                         split_counts)
 from pipeline.dialogues import Dialogue, Turn, write_dialogues
 
 RADIUS = {"small": 6.0, "large": 11.0}  # pixels at a 96 x 96 image; scaled with sqrt(image area)
@@ -123,29 +125,12 @@ def sample_scene(rng: np.random.Generator, cfg: MTFocusConfig, scene_id: str) ->
     return FocusScene(scene_id, width, height, background, tuple(objects))
 
 
-def _draw(draw: ImageDraw.ImageDraw, o: FocusObject, fill: Any) -> None:
-    cx, cy, r = o.cx, o.cy, o.radius
-    if o.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif o.shape == "square":
-        s = 0.85 * r
-        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-    elif o.shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
-    elif o.shape == "cross":
-        w = 0.35 * r
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
-    else:
-        raise ValueError(f"unknown shape {o.shape!r}; known: {SHAPES}")
-
-
 def render_scene(scene: FocusScene) -> Image.Image:
     """The RGB image: one flat background colour, solid objects, no texture or noise."""
     image = Image.new("RGB", (scene.width, scene.height), tuple(scene.background))
     draw = ImageDraw.Draw(image)
     for o in scene.objects:
-        _draw(draw, o, COLORS[o.color])
+        _draw_object(draw, o, COLORS[o.color])
     return image
 
 
@@ -154,7 +139,7 @@ def object_mask(scene: FocusScene) -> np.ndarray:
     mask = Image.new("L", (scene.width, scene.height), 0)
     draw = ImageDraw.Draw(mask)
     for i, o in enumerate(scene.objects):
-        _draw(draw, o, i + 1)
+        _draw_object(draw, o, i + 1)
     return np.asarray(mask, dtype=np.int64)
 
 

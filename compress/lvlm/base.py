@@ -296,13 +296,17 @@ class LVLMAdapter:
             return self.answer_text_ids(answer.strip())
         return [int(i) for i in answer]
 
+    # What the generation prompt ends with, and what precedes an answer after it (ChatML: "\n" and "\n").
+    answer_anchor, answer_lead = ":", ": "
+
     def answer_text_ids(self, text: str) -> list[int]:
         """``text`` tokenised as it reads right after the generation prompt (``ASSISTANT:`` / ``[/INST]``) and a space:
-        the ids of ``":" + " " + text`` past those of ``":"``. SentencePiece's dummy prefix and byte-level BPE's
-        ``Ġ`` thus both give the word-initial pieces the whole-conversation tokenisation has (docs/design.md §5)."""
+        the ids of ``answer_lead + text`` past those of ``answer_anchor``. SentencePiece's dummy prefix and byte-level
+        BPE's ``Ġ`` thus both give the word-initial pieces the whole-conversation tokenisation has (docs/design.md
+        §5)."""
         tok = self.tokenizer
-        anchor = tok(":", add_special_tokens=False).input_ids
-        both = tok(": " + text, add_special_tokens=False).input_ids
+        anchor = tok(self.answer_anchor, add_special_tokens=False).input_ids
+        both = tok(self.answer_lead + text, add_special_tokens=False).input_ids
         if both[: len(anchor)] == anchor:
             return both[len(anchor):]
         return tok(text, add_special_tokens=False).input_ids

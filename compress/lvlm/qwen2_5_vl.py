@@ -92,15 +92,8 @@ class Qwen25VLAdapter(LVLMAdapter):
                          "tower; Qwen2.5-VL's windowed ViT has none (see compress.lvlm.methods.check_applicable)")
 
     # --- prompts -----------------------------------------------------------------------------------------------
-    def answer_text_ids(self, text: str) -> list[int]:
-        """``text`` as it reads right after the generation prompt ``<|im_start|>assistant\\n`` (no space before the
-        answer in ChatML): the ids of ``"\\n" + text`` past those of ``"\\n"``."""
-        tok = self.tokenizer
-        anchor = tok("\n", add_special_tokens=False).input_ids
-        both = tok("\n" + text, add_special_tokens=False).input_ids
-        if both[: len(anchor)] == anchor:
-            return both[len(anchor):]
-        return tok(text, add_special_tokens=False).input_ids
+    # The answer follows the generation prompt ``<|im_start|>assistant\n`` with no space (ChatML).
+    answer_anchor, answer_lead = "\n", "\n"
 
     # --- images ------------------------------------------------------------------------------------------------
     @property

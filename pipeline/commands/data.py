@@ -165,13 +165,8 @@ def _common_builder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dialogues.jsonl")
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``data`` command and its sub-commands. Each sets ``func`` (called as ``args.func(args)``)."""
-    data = subparsers.add_parser("data",
-                                 help="build benchmark dialogues (MT-Shapes, MT-Focus, MT-VQA-v2, MT-GQA, ConvBench)")
-    sub = data.add_subparsers(dest="data_command", required=True)
-
-    p = sub.add_parser("mt-shapes", help="generate MT-Shapes train/val/test splits")
+def _generator_arguments(p) -> None:
+    """The arguments MT-Shapes and MT-Focus share: where, how many, the splits, turns and image shape."""
     p.add_argument("--out", required=True)
     p.add_argument("--dialogues", type=at_least_one, required=True,
                    help="total dialogues over all splits (default split: 80/10/10 %%)")
@@ -183,6 +178,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--aspect", default="1", help="width:height (e.g. 3:2 or 1.5), or 'random' (one per scene)")
     p.add_argument("--aspects", nargs="+", default=None,
                    help="choices for --aspect random (default 1:2 2:3 1:1 3:2 2:1)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``data`` command and its sub-commands. Each sets ``func`` (called as ``args.func(args)``)."""
+    data = subparsers.add_parser("data",
+                                 help="build benchmark dialogues (MT-Shapes, MT-Focus, MT-VQA-v2, MT-GQA, ConvBench)")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    p = sub.add_parser("mt-shapes", help="generate MT-Shapes train/val/test splits")
+    _generator_arguments(p)
     p.add_argument("--multiple", type=int, default=8, help="round image sides to this (the patch size)")
     p.add_argument("--min-objects", type=int, default=3)
     p.add_argument("--max-objects", type=int, default=6)
@@ -192,17 +197,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     p = sub.add_parser("mt-focus", help="generate MT-Focus train/val/test splits (few objects, plain backgrounds, "
                                          "every turn about one object)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--dialogues", type=at_least_one, required=True,
-                   help="total dialogues over all splits (default split: 80/10/10 %%)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val", type=int, default=None, help="validation dialogues (default 10 %% of --dialogues)")
-    p.add_argument("--test", type=int, default=None, help="test dialogues (default 10 %% of --dialogues)")
-    p.add_argument("--turns", type=at_least_one, default=3)
-    p.add_argument("--image-size", type=at_least_one, default=96, help="side of a square image in pixels (default 96)")
-    p.add_argument("--aspect", default="1", help="width:height (e.g. 3:2 or 1.5), or 'random' (one per scene)")
-    p.add_argument("--aspects", nargs="+", default=None,
-                   help="choices for --aspect random (default 1:2 2:3 1:1 3:2 2:1)")
+    _generator_arguments(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_printed(_mt_focus))
 

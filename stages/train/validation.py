@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def kl_pass(engine, plan: dict, make_source, rate: float, rank: int, world: int, micro: int,
+def kl_pass(engine, plan: dict, source, rate: float, rank: int, world: int, micro: int,
             methods: tuple[str, ...] = ("metacompress",)) -> dict:
-    """Mean KL per answer token of each method over ``plan``'s dialogues -> {method: kl, "tokens", "dialogues"}.
-    Padding batches (a worker with fewer rows) run with weight 0."""
+    """Mean KL per answer token of each method over ``plan``'s dialogues, read from ``source`` (its examples) ->
+    {method: kl, "tokens", "dialogues"}. Padding batches (a worker with fewer rows) run with weight 0."""
     import torch
     import torch.distributed as dist
 
@@ -23,7 +23,6 @@ def kl_pass(engine, plan: dict, make_source, rate: float, rank: int, world: int,
     per_rank = [[(s, r) for s in rank_shards(len(rows), k, world) for r in range(rows[s])] for k in range(world)]
     batches = max(-(-len(keys) // micro) for keys in per_rank)
     mine = per_rank[rank]
-    source = make_source(plan)
     sums = torch.zeros(len(methods) + 2, dtype=torch.float64)  # kl*tokens per method, tokens, dialogues
     was_training = engine.training
     engine.eval()

@@ -135,18 +135,16 @@ def train_loop(cfg: dict) -> None:
         last = {"loss": out["loss"].item(), "kl": out["kl"].item(), "entropy": out["entropy"].item(),
                 "collapse": out["collapse"].item(), "lr": engine.get_lr()[0], "step_seconds": seconds,
                 "dialogues_per_second": micro * world / seconds, "epoch": (step - 1) // per_epoch}
-        stop = False
         if validation and (step % tc.validate_every == 0 or step == total):
             # Early stopping on the validation split (docs/design.md §4.2): every rank gets the same all-reduced KL.
-            last["val_kl"] = kl_pass(engine, validation, lambda _: val_source, rate, rank, world,
-                                     micro)["metacompress"]
+            last["val_kl"] = kl_pass(engine, validation, val_source, rate, rank, world, micro)["metacompress"]
             if stopping.update(last["val_kl"], step):
                 best_state = full_fp32_state(student.compressor)  # a collective under ZeRO
-                best_sha = _broadcast_text(_write_best(best_state, best_dir) if rank == 0 else None, rank)
-            stop = stopping.stop
+                best_sha = _broadcast_text(_write_best(student.compressor.config, best_state, tc.compressor_dtype,
+                                                       best_dir) if rank == 0 else None, rank)
         metrics_log.add(last, step)
         curve.append({"step": step, **last})
-        if stop:
+        if validation and stopping.stop:
             break
         if step % 10 == 0:
             metrics_log.flush()
@@ -158,11 +156,10 @@ def train_loop(cfg: dict) -> None:
             os._exit(1)  # a hard crash (test hook): no cleanup, no report
 
     train_seconds = time.perf_counter() - started - setup_seconds
-    stopped_at = step
     if best_state is not None:  # the weights kept are the best on the validation split, not the last ones
         load_weights(student.compressor, best_state)
-        last = {**last, "val_kl_best": stopping.best_kl, "best_step": stopping.best_step, "stopped_at": stopped_at,
-                "stopped_early": float(stopped_at < total)}
+        last = {**last, "val_kl_best": stopping.best_kl, "best_step": stopping.best_step, "stopped_at": step,
+                "stopped_early": float(step < total)}
     # The result: the full fp32 weights (a collective), identical on every replica, saved by rank 0.
     state = best_state if best_state is not None else full_fp32_state(student.compressor)
     flat = torch.cat([t.flatten() for t in state.values()])
@@ -183,7 +180,7 @@ def train_loop(cfg: dict) -> None:
               "frozen_params_partitioned": sum(1 for p in student.lvlm.parameters()
                                                if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False))}
     if cfg.get("heldout"):
-        held = kl_pass(engine, cfg["heldout"], lambda p: _make_source(p, adapter), rate, rank, world, micro,
+        held = kl_pass(engine, cfg["heldout"], _make_source(cfg["heldout"], adapter), rate, rank, world, micro,
                        ("metacompress", "sample"))
         result.update({"heldout_kl": held["metacompress"], "heldout_kl_sample": held["sample"],
                        "heldout_tokens": held["tokens"], "heldout_dialogues": held["dialogues"]})
@@ -251,22 +248,12 @@ def _save_atomic(module, directory: str) -> None:
     tmp.rename(target)
 
 
-def _write_best(state: dict, directory: str) -> str:
-    """The best weights so far (safetensors, for a resumed run); returns their sha256."""
-    import shutil
-
-    from safetensors.torch import save_file
-
+def _write_best(config: dict, state: dict, compute_dtype: str, directory: str) -> str:
+    """The best weights so far, saved as the final compressor would be (for a resumed run); their sha256."""
     from pipeline.hashing import file_sha256
 
-    target = Path(directory)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return file_sha256(str(target / "model.safetensors"))
+    _save_atomic(final_compressor(config, state, compute_dtype), directory)
+    return file_sha256(str(Path(directory) / "model.safetensors"))
 
 
 def _read_best(directory: str, sha256: str | None) -> dict | None:

@@ -2,7 +2,8 @@
 
 A LLaVA-1.5 image is one 24x24 segment. A LLaVA-NeXT image is a base segment followed by the unpadded
 anyres crops, whose rows each end with an image-newline token. Token ``(r, c)`` of a segment sits at sequence
-index ``offset + r * row_stride + c``.
+index ``offset + r * row_stride + c``. A video (docs/design.md §5, video) is one segment per temporal step; ``time``
+is that step's temporal rotary position (0 for images and for 1-D families).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class Segment:
     width: int
     offset: int
     row_stride: int
+    time: int = 0
 
     def indices(self) -> list[int]:
         """Sequence indices of the grid cells, row-major."""
@@ -40,7 +42,9 @@ class Layout:
         return cls(n, (Segment("base", 1, n, 0, n),))
 
     def to_dict(self) -> dict:
-        return {"num_tokens": self.num_tokens, "segments": [asdict(s) for s in self.segments],
+        # ``time`` only when set: image layouts serialise (and hash) as before videos existed
+        segments = [{k: v for k, v in asdict(s).items() if k != "time" or v} for s in self.segments]
+        return {"num_tokens": self.num_tokens, "segments": segments,
                 "newlines": list(self.newlines)}
 
     @classmethod

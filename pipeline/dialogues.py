@@ -3,6 +3,9 @@
     {"dialogue_id": str, "image": "relative/or/absolute/path", "turns": [{"question": str, "answers": [str, ...]}, ...],
      "source": str}
 
+A video dialogue (docs/design.md §3) gives ``"video": "path"`` instead of ``"image"`` (exactly one of the two),
+validated alike; the :class:`Dialogue` then holds the video's path in ``image`` and ``kind == "video"``.
+
 Relative image paths resolve against the folder of the jsonl file. Two optional additions carry benchmark details
 without changing the contract: ``"meta": {...}`` on the dialogue and on each turn (question ids, question types,
 a ConvBench caption). Any other key is an error, because a misspelt key (``"turn"``) would otherwise silently
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 _KEYS = {"dialogue_id", "image", "turns", "source"}
+_VISUAL_KEYS = ("image", "video")  # a record names exactly one visual input
 _OPTIONAL_KEYS = {"meta"}
 _TURN_KEYS = {"question", "answers"}
 
@@ -36,14 +40,19 @@ class Turn:
 
 @dataclass(frozen=True)
 class Dialogue:
-    """One image and its turns. ``image`` is the path as resolved on load (absolute when the file gave a relative
-    one)."""
+    """One image (or video) and its turns. ``image`` is the path as resolved on load (absolute when the file gave a
+    relative one); ``kind``: "image", or "video" when ``image`` is a video file."""
 
     dialogue_id: str
     image: str
     turns: tuple[Turn, ...]
     source: str
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    kind: str = "image"
+
+    @property
+    def video(self) -> str | None:
+        return self.image if self.kind == "video" else None
 
     @property
     def questions(self) -> list[str]:
@@ -99,6 +108,12 @@ def _meta(value: Any, name: str) -> dict[str, Any]:
 def _parse(obj: Any, base_dir: Path | None, check_image: bool) -> Dialogue:
     if not isinstance(obj, dict):
         raise _Invalid(f"expected a JSON object per line, got {type(obj).__name__}")
+    visual = [k for k in _VISUAL_KEYS if k in obj]
+    if len(visual) == 2:
+        _fail("video", "given together with 'image'; a dialogue has one image or one video")
+    kind = visual[0] if visual else "image"
+    if kind == "video":
+        obj = {("image" if k == "video" else k): v for k, v in obj.items()}
     missing = sorted(_KEYS - obj.keys())
     if missing:
         _fail(missing[0], f"missing (required keys: {', '.join(sorted(_KEYS))})")
@@ -110,18 +125,18 @@ def _parse(obj: Any, base_dir: Path | None, check_image: bool) -> Dialogue:
         _fail("dialogue_id", f"expected a string, got the number {did}; write it as \"{did}\"")
     did = _nonempty_str(did, "dialogue_id")
     source = _nonempty_str(obj["source"], "source")
-    image = _nonempty_str(obj["image"], "image")
+    image = _nonempty_str(obj["image"], kind)
     if "\x00" in image:
-        _fail("image", "contains a NUL character")
+        _fail(kind, "contains a NUL character")
     image_path = Path(image).expanduser()
     if not image_path.is_absolute() and base_dir is not None:
         image_path = base_dir / image_path
         # a relative path stays inside the dataset's folder (docs/design.md §8); write an absolute path on purpose
         if not os.path.normpath(image_path).startswith(os.path.normpath(base_dir) + os.sep):
-            _fail("image", f"relative path {image!r} leaves the dataset's folder {base_dir}; move the image inside "
+            _fail(kind, f"relative path {image!r} leaves the dataset's folder {base_dir}; move the {kind} inside "
                   "it or give an absolute path")
     if check_image and not image_path.is_file():
-        _fail("image", f"file not found: {image_path} (relative paths resolve against the jsonl file's folder)")
+        _fail(kind, f"file not found: {image_path} (relative paths resolve against the jsonl file's folder)")
     turns_raw = obj["turns"]
     if not isinstance(turns_raw, list):
         _fail("turns", f"expected a list of turns, got {type(turns_raw).__name__}")
@@ -146,7 +161,7 @@ def _parse(obj: Any, base_dir: Path | None, check_image: bool) -> Dialogue:
             if not isinstance(answer, str):
                 _fail(f"{where}.answers[{a}]", f"expected a string, got {type(answer).__name__} {answer!r:.60}")
         turns.append(Turn(question, tuple(answers), _meta(turn.get("meta"), f"{where}.meta")))
-    return Dialogue(did, str(image_path), tuple(turns), source, _meta(obj.get("meta"), "meta"))
+    return Dialogue(did, str(image_path), tuple(turns), source, _meta(obj.get("meta"), "meta"), kind)
 
 
 def parse_dialogue(obj: Any, base_dir: str | os.PathLike | None = None, *, check_image: bool = True) -> Dialogue:
@@ -231,7 +246,7 @@ def dialogue_to_json(dialogue: Dialogue, base_dir: str | os.PathLike | None = No
         image = resolved.relative_to(base) if resolved.is_relative_to(base) else resolved
     record: dict[str, Any] = {
         "dialogue_id": dialogue.dialogue_id,
-        "image": image.as_posix(),
+        dialogue.kind: image.as_posix(),
         "turns": [
             {"question": t.question, "answers": list(t.answers), **({"meta": t.meta} if t.meta else {})}
             for t in dialogue.turns

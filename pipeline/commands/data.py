@@ -2,6 +2,8 @@
 
     metacompress data mt-shapes --out DIR --dialogues N --seed S [--image-size 96] [--aspect 1|W:H|random]
     metacompress data mt-focus --out DIR --dialogues N --seed S [--image-size 96] [--aspect 1|W:H|random]
+    metacompress data mt-video --out DIR --dialogues N --seed S [--frames 8] [--fps 4]
+    metacompress data video-mme --annotations FILE --videos DIR --out DIR
     metacompress data mt-vqa-v2 --questions F --annotations F --images DIR --out DIR
     metacompress data mt-gqa --questions F --images DIR --out DIR
     metacompress data convbench --table ConvBench.xlsx [--reference OLD_ConvBench.xlsx] --images DIR --out DIR
@@ -60,6 +62,27 @@ def _mt_focus(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": str(out), "counts": counts}
 
 
+def _mt_video(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.datasets import mt_shapes, mt_video
+
+    out = Path(args.out)
+    _refuse_overwrite([out / s / "dialogues.jsonl" for s in mt_shapes.SPLITS], args.overwrite)
+    aspect = mt_shapes.parse_aspect(args.aspect)
+    if aspect is None:
+        raise ValueError("--aspect random is not supported by mt-video (one frame size per split); give N or W:H")
+    cfg = mt_video.MTVideoConfig(image_size=args.image_size, aspect=aspect, frames=args.frames, fps=args.fps)
+    counts = mt_video.generate(out, args.dialogues, args.seed, cfg, val=args.val, test=args.test, turns=args.turns)
+    return {"out": str(out), "counts": counts}
+
+
+def _video_mme(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.datasets import video_mme
+
+    _refuse_overwrite([Path(args.out) / "dialogues.jsonl"], args.overwrite)
+    return video_mme.build(args.annotations, args.videos, args.out, max_dialogues=args.max_dialogues,
+                           max_missing_fraction=args.max_missing_fraction)
+
+
 def _mt_vqa_v2(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.datasets import vqa_v2
 
@@ -106,6 +129,17 @@ def image_problem(path: str) -> str | None:
     return None
 
 
+def video_problem(path: str) -> str | None:
+    """None when ``path`` is a video whose frames decode; else why not."""
+    from compress.lvlm.video import decode_video
+
+    try:
+        decode_video(path, num_frames=2)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
 def check_file(file: str, decode_images: bool = True) -> dict[str, Any]:
     """Every problem of a dialogue file, one per record: bad bytes, JSON, fields, duplicate ids, relative paths
     leaving the folder, missing, unreadable, non-image or truncated image files. -> summary with ``errors``
@@ -122,9 +156,10 @@ def check_file(file: str, decode_images: bool = True) -> dict[str, Any]:
         dialogues.append(d)
     good = []
     for d in dialogues:
-        problem = image_problem(d.image) if decode_images else None
+        problem = (video_problem if d.kind == "video" else image_problem)(d.image) if decode_images else None
         if problem:
-            errors.append({"file": file, "line": None, "dialogue_id": d.dialogue_id, "reason": f"field 'image': {problem}"})
+            errors.append({"file": file, "line": None, "dialogue_id": d.dialogue_id,
+                           "reason": f"field '{d.kind}': {problem}"})
             continue
         if not Path(d.image).resolve().is_relative_to(folder):
             warnings.append(f"{d.dialogue_id}: image {d.image} is outside the file's folder {folder}")
@@ -183,7 +218,8 @@ def _generator_arguments(p) -> None:
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``data`` command and its sub-commands. Each sets ``func`` (called as ``args.func(args)``)."""
     data = subparsers.add_parser("data",
-                                 help="build benchmark dialogues (MT-Shapes, MT-Focus, MT-VQA-v2, MT-GQA, ConvBench)")
+                                 help="build benchmark dialogues (MT-Shapes, MT-Focus, MT-Video, MT-VQA-v2, MT-GQA, "
+                                      "ConvBench, MT-Video-MME)")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     p = sub.add_parser("mt-shapes", help="generate MT-Shapes train/val/test splits")
@@ -200,6 +236,25 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _generator_arguments(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_printed(_mt_focus))
+
+    p = sub.add_parser("mt-video", help="generate MT-Video train/val/test splits (moving, appearing and "
+                                         "colour-changing MT-Shapes objects; questions about when and what)")
+    _generator_arguments(p)
+    p.add_argument("--frames", type=at_least_one, default=8, help="frames per video (4-64, default 8)")
+    p.add_argument("--fps", type=at_least_one, default=4, help="frames per second of the written videos (default 4)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_printed(_mt_video))
+
+    p = sub.add_parser("video-mme", help="Video-MME annotations (test-*.parquet / .json / .jsonl) + videos -> "
+                                         "MT-Video-MME dialogues (a video's three questions as one dialogue)")
+    p.add_argument("--annotations", required=True, help="the official annotation file (videomme/test-*.parquet)")
+    p.add_argument("--videos", required=True, help="folder with <videoID>.mp4")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-dialogues", type=_positive, default=None, help="stop after this many dialogues (>= 1)")
+    p.add_argument("--max-missing-fraction", type=float, default=0.05,
+                   help="fail if more dialogues than this have no video file (default 0.05)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_printed(_video_mme))
 
     p = sub.add_parser("mt-vqa-v2", help="VQA-v2 val questions + annotations + COCO images -> dialogues")
     p.add_argument("--questions", required=True, help="v2_OpenEnded_mscoco_val2014_questions.json")

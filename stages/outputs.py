@@ -88,35 +88,39 @@ def compressor_dir(config: PipelineConfig, rate: float) -> str:
 
 def trained_files_problem(marker: str, directory: str) -> str | None:
     """None when the weights in ``directory`` are the bytes its stage's ``_SUCCESS`` (``marker``) recorded; else why
-    not, naming the file (docs/design.md §8). A missing marker is a problem too: nothing vouches for the files."""
+    not, naming the file (docs/design.md §8). A missing marker is a problem too: nothing vouches for the files.
+    Both may be on any storage URI (pipeline.storage)."""
     import json
-    from pathlib import Path
 
-    from pipeline.hashing import check_files
+    from pipeline import storage
 
     try:
-        recorded = json.loads(Path(marker).read_text()).get("files", {})
+        recorded = json.loads(storage.read_bytes(marker)).get("files", {})
     except FileNotFoundError:
         return f"{marker} is missing (the stage did not finish writing {directory})"
     except (ValueError, AttributeError):
         return f"{marker} is not the JSON the stage writes"
-    return check_files(directory, recorded if isinstance(recorded, dict) else {})
+    if not isinstance(recorded, dict) or not recorded:
+        return f"{directory}: no sha256 recorded for its files (written by an older version)"
+    found = storage.files_sha256(directory)
+    for name, digest in sorted(recorded.items()):
+        if name not in found:
+            return f"{storage.join(directory, name)} is missing"
+        if found[name] != digest:
+            return f"{storage.join(directory, name)} changed after it was written (its sha256 differs from the one " \
+                   "recorded)"
+    return None
 
 
 def write_trained_marker(marker: str, directory: str, record: dict) -> None:
     """``marker`` (a stage's ``_SUCCESS``) = ``record`` plus ``files``: the sha256 of every file in ``directory``,
-    checked by every consumer before use (docs/design.md §8); written to a temporary file and renamed."""
+    checked by every consumer before use (docs/design.md §8); written atomically (pipeline.storage)."""
     import json
-    import os
-    from pathlib import Path
 
-    from pipeline.hashing import files_sha256
+    from pipeline import storage
 
-    path = Path(marker)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({**record, "files": files_sha256(directory)}, indent=2) + "\n")
-    tmp.replace(path)
+    files = storage.files_sha256(directory)
+    storage.write_bytes(marker, (json.dumps({**record, "files": files}, indent=2) + "\n").encode())
 
 
 def verified_trained_dir(marker: str, directory: str, stage: str) -> str:

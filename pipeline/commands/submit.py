@@ -76,7 +76,7 @@ def plan_job(config_path: str | Path, stages: str | None = None, sets: list[str]
     check_store_for_cluster(tracking_uri(config), address)
     argument = config_argument(path, root)
     shipped = not Path(argument).is_absolute()
-    if shipped and Path(config.work_dir).resolve().is_relative_to(root.resolve()):
+    if shipped and "://" not in config.work_dir and Path(config.work_dir).resolve().is_relative_to(root.resolve()):
         raise ConfigError(f"{path}: work_dir resolves to {config.work_dir}, inside the project, which the job only "
                           "sees as a temporary copy: set an absolute work_dir on storage every node shares, e.g. "
                           "--set work_dir=/mnt/shared/work/NAME")

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from pipeline.config import PipelineConfig
-from pipeline.hashing import file_sha256
+from pipeline.storage import file_sha256, is_file, read_bytes
 from stages.common import model_identity
 from stages.outputs import EVALUATE as STAGE
 from stages.outputs import (compressor_dir, eval_feature_hash, eval_input_hash, eval_uri, policy_dir, rate_dir,
@@ -53,13 +53,12 @@ def protocol(config: PipelineConfig) -> dict:
 def _compute_dtype(directory: str) -> str:
     """The compute dtype recorded with a trained compressor (config.json ``compute_dtype``, float32 when absent)."""
     import json
-    from pathlib import Path
 
     from compress.metacompress import CONFIG_NAME
 
-    path = Path(directory, CONFIG_NAME)
+    path = f"{directory}/{CONFIG_NAME}"
     try:
-        return json.loads(path.read_text()).get("compute_dtype", "float32")
+        return json.loads(read_bytes(path)).get("compute_dtype", "float32")
     except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: not a readable MetaCompress config ({err}); retrain this rate") from None
 
@@ -68,8 +67,6 @@ def plan(config: PipelineConfig, split: str) -> tuple[list[Job], list[str]]:
     """The (method, rate) outputs to evaluate and the reasons for those skipped (metacompress at a rate without a
     trained compressor, tprl without a trained policy). Unknown method names raise ValueError listing the known
     ones."""
-    from pathlib import Path
-
     from compress.lvlm.methods import STOCHASTIC_METHODS, available_methods
     from pipeline.hashing import config_hash
 
@@ -88,7 +85,7 @@ def plan(config: PipelineConfig, split: str) -> tuple[list[Job], list[str]]:
                 from compress.tprl.policy import POLICY_WEIGHTS
 
                 compressor = policy_dir(config)
-                if not Path(compressor, POLICY_WEIGHTS).is_file():
+                if not is_file(f"{compressor}/{POLICY_WEIGHTS}"):
                     skipped.append(f"tprl@{rate:g}: no trained policy at {compressor} (enable tprl and run the tprl "
                                    "stage)")
                     continue
@@ -96,7 +93,7 @@ def plan(config: PipelineConfig, split: str) -> tuple[list[Job], list[str]]:
                 weights = file_sha256(f"{compressor}/{POLICY_WEIGHTS}")
             if method == "metacompress":
                 compressor = compressor_dir(config, rate)
-                if not Path(compressor, COMPRESSOR_WEIGHTS).is_file():
+                if not is_file(f"{compressor}/{COMPRESSOR_WEIGHTS}"):
                     skipped.append(f"metacompress@{rate:g}: no trained compressor at {compressor} (add {rate} to "
                                    "train.rates and run the train stage)")
                     continue

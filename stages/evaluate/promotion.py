@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from pipeline.config import PipelineConfig
-from pipeline.hashing import config_hash, file_sha256
+from pipeline.hashing import config_hash
+from pipeline.storage import file_sha256  # the compressor may be on any storage URI (docs/design.md §6.4)
 from stages.evaluate.planning import COMPRESSOR_WEIGHTS, Job, protocol
 from stages.outputs import EVALUATE as STAGE
 

@@ -61,6 +61,7 @@ def matrix_items(config: PipelineConfig, split: str, jobs: list[Job], records: l
     from compress.lvlm.base import load_image
     from compress.metacompress import MetaCompress
     from compress.reduction import num_keep
+    from pipeline import storage
 
     mc = [j for j in jobs if j.method == "metacompress"]
     chosen = records[:min(config.evaluate.matrix_images, len(records))]
@@ -87,7 +88,8 @@ def matrix_items(config: PipelineConfig, split: str, jobs: list[Job], records: l
             encoded.append((d, *features[d["dialogue_id"]], image))
         items = []
         for job in mc:
-            module = MetaCompress.from_pretrained(job.compressor).eval()
+            with storage.local_copy(job.compressor) as local:  # any storage URI (docs/design.md §6.4)
+                module = MetaCompress.from_pretrained(local).eval()
             for d, x, layout, image in encoded:
                 p = module(x.to(module.w_key.dtype), num_keep(x.shape[0], job.rate), layout).matrix
                 seg = layout.segments[0]
@@ -97,18 +99,23 @@ def matrix_items(config: PipelineConfig, split: str, jobs: list[Job], records: l
 
 
 def write_report_files(summaries, per_turn, matrices, target: str, batch_size: int, render_key: str) -> str:
-    """Reports into ``target`` (a local path, or any pyarrow.fs URI: written locally, then copied); ``matrices()``
-    makes the P plot items. A local ``target`` already rendered from the same outputs (``_render.json`` holds
-    ``render_key`` and each file's sha256) and unchanged since is left as it is, so a re-run does not redraw.
+    """Reports into ``target`` (a local path, or any storage URI: drawn in a local mirror, then uploaded);
+    ``matrices()`` makes the P plot items. A ``target`` already rendered from the same outputs (``_render.json``
+    holds ``render_key`` and each file's sha256) and unchanged since is left as it is, so a re-run does not redraw.
     Returns the local directory holding them."""
-    import tempfile
+    import shutil
     from pathlib import Path
 
+    from pipeline import storage
+    from pipeline.hashing import file_sha256
     from pipeline.reports import write_reports
 
-    from pipeline.hashing import file_sha256
-
-    local = target if "://" not in target else tempfile.mkdtemp(prefix="metacompress-reports-")
+    local = target
+    if storage.is_remote(target):  # the mirror starts as the store's copy, so the reuse check below is the store's
+        local = storage.local_cache(target)
+        shutil.rmtree(local, ignore_errors=True)
+        if storage.listdir(target):
+            storage.copy_dir(target, local)
     stamp = Path(local, "_render.json")
     try:
         done = json.loads(stamp.read_text())
@@ -129,9 +136,5 @@ def write_report_files(summaries, per_turn, matrices, target: str, batch_size: i
     stamp.write_text(json.dumps({"key": render_key, "files": {n: file_sha256(str(Path(local, n))) for n in names}})
                      + "\n")
     if local != target:
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(target)
-        fs.create_dir(root, recursive=True)
-        pafs.copy_files(local, root, destination_filesystem=fs)
+        storage.copy_dir(local, target)
     return local

@@ -18,13 +18,33 @@ if TYPE_CHECKING:
 
 
 def micro_batch_size(train: "TrainConfig", world_size: int) -> int:
-    """Dialogues per worker per step: ``train.batch_size`` is the global batch, split evenly over the workers."""
+    """Dialogues per worker per forward: ``train.batch_size`` (the global batch) = micro x accumulation x workers."""
+    return batch_split(train, world_size)[0]
+
+
+def batch_split(train: "TrainConfig", world_size: int) -> tuple[int, int]:
+    """(micro batch per worker, gradient accumulation steps) over ``world_size`` workers; raises naming the keys."""
+    import dataclasses
+
+    from pipeline.config import batch_split as split
+
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if train.batch_size % world_size:
-        raise ValueError(f"train.batch_size = {train.batch_size} does not split evenly over train.num_workers = "
-                         f"{world_size} workers; make the batch size a multiple of the number of workers")
-    return train.batch_size // world_size
+    return split(dataclasses.replace(train, num_workers=world_size))
+
+
+def zero3_init_config(train: "TrainConfig", world_size: int, model_dtype: "torch.dtype",
+                      persist_numel: int = 10_000) -> dict:
+    """The config under which the frozen LVLM is built and loaded (transformers' ``HfDeepSpeedConfig``, docs/design.md
+    §6.3): ZeRO-3, so ``from_pretrained`` creates every parameter already partitioned (``deepspeed.zero.Init``) and
+    no worker ever holds the whole model. ``zero.Init`` casts what it creates to the config's half-precision mode, so
+    that mode names ``model_dtype`` (fp32 otherwise): the LVLM keeps its dtype whatever the compressor's."""
+    import torch
+
+    config = ds_config(train, world_size, persist_numel)
+    config["bf16"] = {"enabled": model_dtype == torch.bfloat16}
+    config["fp16"] = {"enabled": model_dtype == torch.float16}
+    return config
 
 
 def ds_config(train: "TrainConfig", world_size: int, persist_numel: int = 10_000) -> dict:
@@ -34,10 +54,11 @@ def ds_config(train: "TrainConfig", world_size: int, persist_numel: int = 10_000
     Why not bf16 whenever there is a GPU: bf16 mode casts every parameter, so the compressor would compute in bf16
     while the saved compressor runs in its recorded dtype elsewhere (docs/design.md §6.3). In fp32 mode DeepSpeed
     casts nothing: the frozen LVLM keeps ``model.dtype`` as loaded, the compressor and its optimizer stay fp32.
-    No ``optimizer`` / ``scheduler`` sections (see the module doc); ``train_batch_size`` is the global batch.
+    No ``optimizer`` / ``scheduler`` sections (see the module doc); ``train_batch_size`` is the global batch,
+    micro batch x ``gradient_accumulation_steps`` x workers.
     ZeRO-3 keeps every parameter with fewer than ``persist_numel`` elements whole on each worker.
     """
-    micro = micro_batch_size(train, world_size)
+    micro, accumulation = batch_split(train, world_size)
     zero: dict = {"stage": int(train.zero_stage)}
     if train.zero_stage == 3:
         zero.update({"stage3_param_persistence_threshold": int(persist_numel),
@@ -45,9 +66,11 @@ def ds_config(train: "TrainConfig", world_size: int, persist_numel: int = 10_000
     if train.zero_stage in (1, 2):
         zero.update({"contiguous_gradients": True, "overlap_comm": False})
     config = {
-        "train_batch_size": micro * world_size,
+        "train_batch_size": micro * accumulation * world_size,
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
+        # engine.backward divides each micro batch's loss by this; engine.step steps the optimizer on every
+        # accumulation-th call only
+        "gradient_accumulation_steps": accumulation,
         # Value clipping is done by the client optimizer (make_optimizer); DeepSpeed clips only the global norm.
         "gradient_clipping": float(train.grad_clip) if train.clip_mode == "norm" else 0.0,
         "zero_optimization": zero,

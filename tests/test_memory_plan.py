@@ -113,3 +113,63 @@ def test_submit_dry_run_prints_the_job_and_the_plan():
                            "--arch", "llava-1.5-7b"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "would submit metacompress-extract-teacher-train-" in proc.stdout and "| train |" in proc.stdout
+
+
+def test_qwen_visual_tokens_are_what_the_adapter_produces_at_max_pixels(tmp_path):
+    """Dynamic resolution: planned at the processor's max_pixels (stated in the plan); the tiny Qwen's adapter makes
+    exactly that many tokens from an image of that size."""
+    from infra.architectures import build_adapter, build_config
+    from infra.memory_plan import ModelShape
+    from tests.tiny_models import random_image
+
+    adapter = build_adapter("tiny-qwen")
+    shape = ModelShape.of(build_config("tiny-qwen"), max_pixels=64 * 48)
+    assert shape.max_visual_tokens == adapter.encode(random_image(48, 64)).tokens.shape[0]
+    assert ModelShape.of(build_config("qwen2.5-vl-7b"), max_pixels=672 * 672).max_visual_tokens == 576  # 24 x 24
+    with pytest.raises(ValueError, match="--max-pixels"):
+        ModelShape.of(build_config("tiny-qwen"))
+    # a model directory: its preprocessor_config.json's bound (longest_edge pixels), 8 x 8 pixels per token
+    import json
+
+    from pipeline.commands.plan import model_shape
+    from pipeline.config import config_from_dict
+
+    adapter.model.save_pretrained(str(tmp_path))
+    adapter.image_processor.save_pretrained(str(tmp_path))
+    longest = json.loads((tmp_path / "preprocessor_config.json").read_text())["size"]["longest_edge"]
+    shape, _ = model_shape(config_from_dict({"model": {"path": str(tmp_path)}}), None)
+    assert shape.max_visual_tokens == longest // 64 and str(longest) in shape.note
+
+
+def test_plan_for_qwen_states_its_assumption():
+    def plan(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline.commands.cli", "plan", str(CONFIG), "--arch",
+                               "qwen2.5-vl-7b", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    default = plan()  # the processor's max_pixels, 12845056: 16384 tokens of 28 x 28 pixels
+    assert default.returncode in (0, 2) and "Traceback" not in default.stderr, default.stderr[-2000:]
+    assert "dynamic resolution" in default.stdout and "= 16384 visual tokens" in default.stdout
+    small = plan("--max-pixels", str(672 * 672))
+    assert small.returncode == 0, small.stderr[-2000:]
+    assert "| evaluate | 8 | 736 |" in small.stdout  # 576 visual tokens + 160 of text, as llava-1.5-7b's 736
+
+
+def test_train_memory_under_zero3_and_activation_checkpointing():
+    """ZeRO-3: a worker's weights fall with the number of workers (never below its share); checkpointing keeps less;
+    the batch column is the micro batch."""
+    from infra.architectures import build_config
+    from infra.memory_plan import ModelShape, stage_memory
+    from pipeline.config import load_config
+
+    shape = ModelShape.of(build_config("llava-1.5-7b"))
+
+    def train_row(**train):
+        return stage_memory(shape, load_config(CONFIG, {f"train.{k}": v for k, v in train.items()}))[-1]
+
+    base = train_row()
+    assert base.batch == 3 and base.weights == shape.params * 2  # micro 3 x 3 steps x 4 workers; bf16, ZeRO-2
+    four, twelve = train_row(zero_stage=3), train_row(zero_stage=3, num_workers=12, gradient_accumulation_steps=1)
+    assert shape.params * 2 / 12 < twelve.weights < four.weights < base.weights
+    assert four.weights >= shape.params * 2 / 4
+    checkpointed = train_row(activation_checkpointing=True)
+    assert checkpointed.activations < base.activations / 4 and checkpointed.weights == base.weights

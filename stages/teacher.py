@@ -47,7 +47,7 @@ class TeacherWorker:
                 answer_ids[b].append(result.target_ids)  # with the end-of-turn token (docs/design.md §5)
         with torch.no_grad():
             forced = answer_logits_batch(ad, [f.tokens for f in features], [d["questions"] for d in dialogues],
-                                         answer_ids)
+                                         answer_ids, image_positions=[ad.positions_after(f.layout) for f in features])
         rows = []
         for d, ids_per_turn, out in zip(dialogues, answer_ids, forced):
             top, ids, tail = topk_targets(out.logits, self.teacher["top_k"])

@@ -30,14 +30,13 @@ def qwen_layout(grid_thw: tuple[int, int, int], merge: int) -> Layout:
                                      for i in range(t)))
 
 
-def grid_positions(layout: Layout, time_interval: float = 1.0) -> VisualPositions:
-    """The unreduced positions of a Qwen layout: token (i, r, c) at (floor(i * time_interval), r, c); the span is
-    max(h', w') (an image: one temporal step). Video's interval (tokens_per_second x seconds per step) is not yet
-    wired (docs/design.md §5)."""
+def grid_positions(layout: Layout) -> VisualPositions:
+    """The unreduced positions of a Qwen layout: token (r, c) of temporal step i at (segment i's ``time``, r, c)
+    (0 for an image; a video's steps carry floor(i x tokens_per_second x seconds per step), compress.lvlm.video);
+    the span is max(h', w') for images and videos alike, as transformers' ``get_rope_index`` (docs/design.md §5)."""
     seg = layout.segments[0]
-    t = len(layout.segments)
-    ti, r, c = torch.meshgrid(torch.arange(t), torch.arange(seg.height), torch.arange(seg.width), indexing="ij")
-    ti = (ti.double() * time_interval).long()
+    times = torch.tensor([s.time for s in layout.segments])
+    ti, r, c = torch.meshgrid(times, torch.arange(seg.height), torch.arange(seg.width), indexing="ij")
     offsets = torch.stack([ti, r, c], -1).reshape(-1, 3)
     return VisualPositions(offsets, max(seg.height, seg.width))
 
@@ -97,6 +96,14 @@ class Qwen25VLAdapter(LVLMAdapter):
 
     # --- images ------------------------------------------------------------------------------------------------
     @property
+    def reference_grid(self) -> tuple[int, int]:
+        """Dynamic resolution has no native grid: the merged grid of the largest square image the processor keeps
+        (its ``longest_edge`` pixel bound), at most 32 x 32 (the table is interpolated to each layout)."""
+        pixels = (getattr(self.image_processor, "size", None) or {}).get("longest_edge") or 1003520
+        side = max(1, min(32, int(pixels ** 0.5) // (self.merge * int(self.model.config.vision_config.patch_size))))
+        return side, side
+
+    @property
     def merge(self) -> int:
         return int(self.model.config.vision_config.spatial_merge_size)
 
@@ -130,8 +137,6 @@ class Qwen25VLAdapter(LVLMAdapter):
         return EncodedImage(feats, prepared.layout, prepared.pixel_values, prepared.image_size)
 
     def layout_positions(self, layout: Layout) -> VisualPositions:
-        if len(layout.segments) != 1:
-            raise ValueError(f"{self.family}: a {len(layout.segments)}-step (video) layout is not supported yet")
         return grid_positions(layout)
 
     def full_forward_logits(self, ids: torch.Tensor, encoded: EncodedImage) -> torch.Tensor:

@@ -35,13 +35,15 @@ def _recipe_lines(summary: dict[str, Any]) -> list[str]:
         attention = ("answer-only loss plus attention supervision (weight "
                      f"{cfg.get('attention_weight', 0)}: two heads of the first layer gather the question's key "
                      "words, " + ("two of the last fetch the patches of the objects the answer depends on"
-                                  if summary["family"] == "llava" else
+                                  if summary["family"] != "llava_next" else
                                   "two of the second-to-last layer fetch the objects the answer depends on in the "
                                   "base grid (the only tokens that know where they lie), two of the last the same "
                                   "objects among the crop tokens") + ")")
     else:
         attention = "answer-only loss, **no attention supervision** (it needs MT-Shapes scenes)"
     warm = ", projector warm-started from the stage-1 head" if ran["stage1"] else ""
+    if summary["family"] == "qwen2_5_vl":  # the head was trained on the merger's output: nothing to warm-start
+        warm = ", the merger (Qwen's projector) trained with the decoder"
     drop = ran["token_drop"]
     share = f"{cfg.get('token_drop', 0):.0%}"
     if drop == "none":
@@ -68,13 +70,17 @@ def model_card(summary: dict[str, Any], command: str) -> str:
     """A short MODEL_CARD.md from a :func:`build_reference` summary: what ran, command, times, accuracy per turn and
     per type against the same model's blind accuracy (blank images)."""
     cfg = summary["config"]
-    cls = "LlavaForConditionalGeneration" if summary["family"] == "llava" else "LlavaNextForConditionalGeneration"
+    cls, parts = {"llava": ("LlavaForConditionalGeneration", "CLIP vision tower, Llama decoder"),
+                  "llava_next": ("LlavaNextForConditionalGeneration", "CLIP vision tower, Llama decoder"),
+                  "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration",
+                                 "ViT with a 2 x 2 merger, Qwen2 decoder with 3-D rotary positions")}[summary["family"]]
     lines = [f"# Reference {summary['family']} ({summary.get('data_name') or summary['dialogues']})", "",
              f"Small `{cls}`"
-             f" (CLIP vision tower, Llama decoder), {summary['parameters']:,} parameters, trained from scratch by "
+             f" ({parts}), {summary['parameters']:,} parameters, trained from scratch by "
              "`infra/reference/recipe.py`; weights saved in fp16.", "",
              "## Recipe (what ran)",
-             f"- Vision tower: {cfg['vision_layers']} layers x {cfg['vision_hidden']}, {cfg['patch_size']} px patches; "
+             f"- Vision tower: {cfg['vision_layers']} layers x {cfg['vision_hidden']}, {cfg['patch_size']} px "
+             + ("tokens (merged 2 x 2 patches)" if summary["family"] == "qwen2_5_vl" else "patches") + "; "
              f"decoder: {cfg['text_layers']} layers x {cfg['text_hidden']}.",
              *_recipe_lines(summary),
              f"- Training dialogues: {summary['train_dialogues']} from `{summary['dialogues']}`.", "",

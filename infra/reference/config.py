@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-FAMILIES = ("llava", "llava_next")
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
 TOKEN_DROP_MODES = ("auto", "scene", "random", "pool", "mixed")
 # The label of positions (tokens, patches) that no loss counts: the cross-entropies' ignore_index.
 IGNORE = -100
@@ -17,7 +17,8 @@ IGNORE = -100
 @dataclass
 class RecipeConfig:
     """Sizes and schedule. ``image_size``: the LLaVA input side (96 px, 8 px patches = 144 tokens); LLaVA-NeXT uses
-    tiles of ``image_size // 2`` and ``grid_pinpoints`` multiples of it."""
+    tiles of ``image_size // 2`` and ``grid_pinpoints`` multiples of it. Qwen2.5-VL: ``patch_size`` is the side of
+    one merged LLM token (its ViT patch is half of it, merged 2 x 2), so a square image gives LLaVA's token grid."""
 
     family: str = "llava"
     image_size: int = 96
@@ -64,9 +65,15 @@ class RecipeConfig:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.token_drop_mode not in TOKEN_DROP_MODES:
             raise ValueError(f"token_drop_mode must be one of {TOKEN_DROP_MODES}, got {self.token_drop_mode!r}")
+        if self.family == "qwen2_5_vl" and self.token_drop > 0:
+            # the drop feeds fewer image tokens than the image grid, which Qwen's 3-D positions (from the grid) refuse
+            raise ValueError("token_drop: not available for family qwen2_5_vl (its rotary positions come from the "
+                             "image grid); use --token-drop 0")
+        if self.patch_size % 2 and self.family == "qwen2_5_vl":
+            raise ValueError(f"patch_size {self.patch_size}: Qwen2.5-VL merges 2 x 2 patches; use an even size")
         if self.tile_size % self.patch_size:
             raise ValueError(f"the tile side {self.tile_size} must be a multiple of patch_size {self.patch_size}")
 
     @property
     def tile_size(self) -> int:
-        return self.image_size if self.family == "llava" else self.image_size // 2
+        return self.image_size // 2 if self.family == "llava_next" else self.image_size

@@ -125,9 +125,20 @@ def vision_example(image, scene, processor, cfg: RecipeConfig) -> tuple[Any, dic
     import torch
 
     pv = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-    pv = pv.reshape(-1, *pv.shape[-3:])
+    if cfg.family == "qwen2_5_vl":
+        # flattened patches (N, C * T * p * p); the labels follow a same-sized plain processor whose patch is one
+        # merged token (a square image is resized alike by both, and the merger's tokens are row-major)
+        from types import SimpleNamespace
+
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        t = cfg.tile_size
+        processor = SimpleNamespace(image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": t}, crop_size={"height": t, "width": t}))
+    else:
+        pv = pv.reshape(-1, *pv.shape[-3:])
     # LLaVA-NeXT: tile 0 is the whole image resized; only it can know where a patch lies in the image.
-    position_tiles = None if cfg.family == "llava" else [0]
+    position_tiles = [0] if cfg.family == "llava_next" else None
     targets = patch_targets(label_tiles(scene, processor)[0], scene, cfg.patch_size, position_tiles=position_tiles)
     return pv, {k: torch.from_numpy(v) for k, v in targets.items()}
 
@@ -162,7 +173,7 @@ def token_views(scene, processor, cfg: RecipeConfig) -> list[TokenView]:
     ``unpad_image``, as ``pack_image_features`` does."""
     from pipeline.datasets.mt_shapes import patch_labels
 
-    if cfg.family == "llava":
+    if cfg.family != "llava_next":  # one grid of tokens (Qwen2.5-VL: its merged tokens, row-major)
         grid = cfg.tile_size // cfg.patch_size
         objects = patch_labels(scene, grid, grid)["object"].reshape(-1)
         counted = [int(o.cy * grid / scene.height) * grid + int(o.cx * grid / scene.width) for o in scene.objects]
@@ -226,7 +237,9 @@ def dialogue_example(dialogue, processor, scene=None, cfg: RecipeConfig | None =
     text = processor.apply_chat_template(render_dialogue([(t.question, t.answers[0]) for t in dialogue.turns]))
     with Image.open(dialogue.image) as im:
         enc = processor(images=[im.convert("RGB")], text=[text], return_tensors="pt")
-    ex = {k: v[0] for k, v in enc.items() if k in ("input_ids", "pixel_values", "image_sizes")}
+    flat = "image_grid_thw" in enc  # Qwen2.5-VL: pixel_values (N, C * T * p * p) are the image's patches, no batch dim
+    ex = {k: v if flat and k == "pixel_values" else v[0] for k, v in enc.items()
+          if k in ("input_ids", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")}
     ex["labels"] = answer_labels(ex["input_ids"], processor.tokenizer)
     if scene is None or cfg is None:
         return ex

@@ -22,6 +22,9 @@ def build_model(cfg: RecipeConfig, vocab_size: int, image_token_id: int, pad_id:
     """A randomly initialised model of transformers' own classes, sized by ``cfg``."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
+    if cfg.family == "qwen2_5_vl":
+        return build_qwen(cfg, vocab_size, image_token_id, pad_id, bos_id, eos_id)
+
     vc = CLIPVisionConfig(image_size=cfg.tile_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_hidden,
                           intermediate_size=2 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
                           num_attention_heads=cfg.vision_heads, projection_dim=cfg.vision_hidden)
@@ -49,11 +52,56 @@ def build_model(cfg: RecipeConfig, vocab_size: int, image_token_id: int, pad_id:
     return model
 
 
+def build_qwen(cfg: RecipeConfig, vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int):
+    """A ``Qwen2_5_VLForConditionalGeneration``: a ViT of ``patch_size // 2`` patches whose 2 x 2 merger outputs the
+    LLM width, attending over the whole image in every layer (a window covering the image), and a Qwen2 decoder
+    with 3-D rotary positions, sized as the LLaVA references."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    half = cfg.text_hidden // cfg.text_heads // 2  # rotary frequencies per head, split over (t, h, w)
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=cfg.vision_layers, hidden_size=cfg.vision_hidden,
+                           intermediate_size=2 * cfg.vision_hidden, num_heads=cfg.vision_heads,
+                           patch_size=cfg.patch_size // 2, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=cfg.image_size, out_hidden_size=cfg.text_hidden,
+                           fullatt_block_indexes=list(range(cfg.vision_layers))),
+        text_config=dict(vocab_size=vocab_size, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+                         num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                         num_key_value_heads=cfg.text_heads, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+                         initializer_range=cfg.text_init_std or cfg.text_hidden ** -0.5, tie_word_embeddings=True,
+                         pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id),
+        image_token_id=image_token_id, tie_word_embeddings=True)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    for key, value in (("pad_token_id", pad_id), ("bos_token_id", bos_id), ("eos_token_id", eos_id)):
+        setattr(model.generation_config, key, value)
+    return model
+
+
+def vision_parts(model) -> tuple[list, list]:
+    """(the vision tower's own parameters, its projector's when it sits inside the tower): Qwen2.5-VL's merger is
+    the projector, trained in stage 2 as LLaVA's ``multi_modal_projector`` is."""
+    tower = getattr(model.model, "vision_tower", None) or model.model.visual
+    merger = {id(p) for p in tower.merger.parameters()} if hasattr(tower, "merger") else set()
+    own = [p for p in tower.parameters() if id(p) not in merger]
+    return own, [p for p in tower.parameters() if id(p) in merger]
+
+
 def build_processor(cfg: RecipeConfig, tokenizer):
     """The image processor (PIL backend: no torchvision needed) + tokenizer + chat template, as one processor."""
     from infra.reference.tokenizer import CHAT_TEMPLATE, IMAGE
 
     t = cfg.tile_size
+    if cfg.family == "qwen2_5_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from infra.reference.qwen_processor import QwenImageProcessor
+
+        # pixel bounds that resize a square image to t x t (sides rounded to the merged token's side)
+        ip = Qwen2VLImageProcessorPil(patch_size=cfg.patch_size // 2, merge_size=2, temporal_patch_size=2,
+                                      size={"shortest_edge": cfg.patch_size ** 2, "longest_edge": t * t})
+        return QwenImageProcessor(ip, tokenizer, CHAT_TEMPLATE)
     if cfg.family == "llava":
         from transformers import LlavaProcessor
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -98,8 +146,16 @@ def dense_loss(logits, targets: dict[str, Any]):
     return loss, acc
 
 
-def tower_patch_features(model, pixel_values):
-    """(N, P, d) patch features of the layer the decoder reads (CLS dropped), with gradients."""
+def tower_patch_features(model, pixel_values, images: int = 1):
+    """(N, P, d) patch features of the layer the decoder reads (CLS dropped), with gradients. Qwen2.5-VL: the
+    merger's tokens of ``images`` square images whose flattened patches ``pixel_values`` concatenates."""
+    if not hasattr(model.model, "vision_tower"):
+        import torch
+
+        side = int(round((pixel_values.shape[0] // images) ** 0.5))
+        grid = torch.tensor([[1, side, side]] * images, device=pixel_values.device)
+        out = model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid).pooler_output
+        return torch.stack(list(out))
     vt = model.model.vision_tower
     out = vt(pixel_values, output_hidden_states=True)
     return out.hidden_states[model.config.vision_feature_layer][:, 1:]
@@ -119,8 +175,8 @@ def pretrain_vision(model, processor, items: Sequence[tuple[str, Any]], cfg: Rec
     from PIL import Image
 
     torch.manual_seed(cfg.seed)
-    head = DenseHead(cfg.vision_hidden).to(device)
-    params = list(model.model.vision_tower.parameters()) + list(head.parameters())
+    head = DenseHead(cfg.text_hidden if cfg.family == "qwen2_5_vl" else cfg.vision_hidden).to(device)
+    params = [p for part in vision_parts(model) for p in part] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=cfg.weight_decay)
     cache: dict[int, tuple[Any, dict[str, Any]]] = {}
     rng = random.Random(cfg.seed)
@@ -136,7 +192,7 @@ def pretrain_vision(model, processor, items: Sequence[tuple[str, Any]], cfg: Rec
         targets = {k: torch.cat([cache[i][1][k] for i in idx]).to(device) for k in HEAD_GROUPS}
         for gr in opt.param_groups:
             gr["lr"] = cfg.stage1_lr * _schedule(step, cfg.stage1_steps, cfg.warmup)
-        loss, acc = dense_loss(head(tower_patch_features(model, pv)), targets)
+        loss, acc = dense_loss(head(tower_patch_features(model, pv, len(idx))), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -206,11 +262,19 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         ids[b, :k], labels[b, :k], mask[b, :k] = e["input_ids"], e["labels"], 1
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     pvs = [e["pixel_values"] for e in examples]
-    if "image_sizes" in examples[0]:
+    if "image_grid_thw" in examples[0]:  # Qwen2.5-VL: the images' patches concatenated, one grid row per image
+        batch["pixel_values"] = torch.cat(pvs)
+        batch["image_grid_thw"] = torch.stack([e["image_grid_thw"] for e in examples])
+        batch["mm_token_type_ids"] = torch.zeros_like(ids)
+        for b, e in enumerate(examples):
+            batch["mm_token_type_ids"][b, :len(e["mm_token_type_ids"])] = e["mm_token_type_ids"]
+        pvs = []
+    elif "image_sizes" in examples[0]:
         tiles = max(p.shape[0] for p in pvs)
         pvs = [torch.cat([p, p.new_zeros(tiles - p.shape[0], *p.shape[1:])]) for p in pvs]
         batch["image_sizes"] = torch.stack([e["image_sizes"] for e in examples])
-    batch["pixel_values"] = torch.stack(pvs)
+    if pvs:
+        batch["pixel_values"] = torch.stack(pvs)
     if all("attn_pos" in e for e in examples):
         turns = max(len(e["attn_pos"]) for e in examples)
         batch["attn_pos"] = torch.full((len(examples), turns), -1, dtype=torch.long)
@@ -247,6 +311,8 @@ def warm_start_projector(model, head) -> None:
     rather than a random mix of it."""
     import torch
 
+    if not hasattr(model.model, "multi_modal_projector"):
+        return  # Qwen2.5-VL: the head was trained on the merger's output, which already feeds the decoder
     lin = model.model.multi_modal_projector.linear_1
     k = head.weight.shape[0]
     if lin.weight.shape[0] < k:
@@ -280,7 +346,7 @@ def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfi
     import torch
 
     torch.manual_seed(cfg.seed + 1)
-    vision = list(model.model.vision_tower.parameters())
+    vision = vision_parts(model)[0]
     vision_ids = {id(p) for p in vision}
     rest = [p for p in model.parameters() if id(p) not in vision_ids]
     groups = [{"params": rest, "scale": 1.0}]
@@ -305,7 +371,7 @@ def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfi
         for i in idx:
             if i not in cache:
                 scene = (scenes or {}).get(dialogues[i].meta.get("scene_id", dialogues[i].dialogue_id))
-                if scene is not None and cfg.family == "llava" and scene.width != scene.height:
+                if scene is not None and cfg.family != "llava_next" and scene.width != scene.height:
                     scene = None  # the centre crop would cut the image: the patch grid would not cover it
                 cache[i] = dialogue_example(dialogues[i], processor, scene, cfg)
         examples = [cache[i] for i in idx]

@@ -28,12 +28,13 @@ def _build(args: argparse.Namespace) -> int:
 
         data = out / "mt_shapes"
         if not (data / "test" / "dialogues.jsonl").is_file():
-            aspect = 1.0 if args.family == "llava" else None  # LLaVA-NeXT gets several aspect ratios
+            aspect = None if args.family == "llava_next" else 1.0  # LLaVA-NeXT gets several aspect ratios
             cfg = mt_shapes.MTShapesConfig(image_size=96, aspect=aspect)
             mt_shapes.generate(data, args.mt_shapes_dialogues, args.seed, cfg, val=500, test=500, progress=False)
         dialogues = data / "train" / "dialogues.jsonl"
         evaluation = evaluation or data / "test" / "dialogues.jsonl"
     cfg = RecipeConfig(family=args.family, seed=args.seed, stage2_steps=args.steps, stage1_steps=args.stage1_steps,
+                       stage1_batch=args.stage1_batch,
                        stage2_batch=args.batch, stage2_lr=args.lr, max_train=args.max_train,
                        text_layers=args.text_layers,
                        attention_weight=args.attention_weight, token_drop=args.token_drop,
@@ -73,7 +74,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("reference", help="build the reference LVLMs (small LLaVA / LLaVA-NeXT)")
     sub = p.add_subparsers(dest="reference_command", metavar="ACTION", required=True)
     b = sub.add_parser("build", help="train a small LLaVA or LLaVA-NeXT from scratch and save it as a HF directory")
-    b.add_argument("--family", choices=["llava", "llava_next"], required=True)
+    b.add_argument("--family", choices=["llava", "llava_next", "qwen2_5_vl"], required=True)
     b.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, processor)")
     b.add_argument("--dialogues", help="training dialogues.jsonl (default: MT-Shapes generated under OUT/mt_shapes)")
     b.add_argument("--eval", help="dialogues.jsonl scored at the end (default with MT-Shapes: its test split)")
@@ -82,6 +83,7 @@ def register(subparsers) -> None:
     b.add_argument("--steps", type=at_least_one, default=2500, help="stage-2 (dialogue) training steps")
     b.add_argument("--stage1-steps", type=int, default=1200, help="stage-1 (dense vision labels) steps")
     b.add_argument("--batch", type=at_least_one, default=16)
+    b.add_argument("--stage1-batch", type=at_least_one, default=32, help="stage-1 (dense vision labels) batch")
     b.add_argument("--lr", type=float, default=1e-3, help="stage-2 learning rate (see RecipeConfig.stage2_lr)")
     b.add_argument("--attention-weight", type=float, default=1.0,
                    help="weight of the attention supervision on MT-Shapes (where each answer should look); 0: off. "

@@ -31,7 +31,7 @@ postgres:
 test: $(STAMP) postgres
 	# The layers of docs/design.md §2: an import that breaks them fails here, naming the import.
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 bench: $(STAMP)
 	$(BIN)/metacompress bench reducer

@@ -2,9 +2,10 @@
 
 Every figure is a count of bytes from tensor shapes (docs/design.md §6.4), for the largest input the stage can meet:
 
-- weights: every parameter of the LVLM (vision tower, projector, LLM) in the stage's dtype; each actor and each
-  training worker loads the whole model today (ZeRO-3 shards only the compressor: the frozen LVLM is loaded whole
-  before DeepSpeed starts);
+- weights: every parameter of the LVLM (vision tower, projector, LLM) in the stage's dtype; each actor loads the
+  whole model; a training worker under ZeRO-3 holds ``1 / num_workers`` of it (partitioned as it loads) plus the
+  parameters DeepSpeed gathers for the layers at work, at most ``stage3_max_live_parameters`` (DeepSpeed's default,
+  ``ZERO3_LIVE_PARAMETERS``); the few vectors kept whole on every worker are left out;
 - KV cache: ``2 * layers * kv_heads * head_dim * tokens * batch`` elements, tokens = the most visual tokens the
   model can produce (LLaVA-NeXT: base grid + the largest unpadded crop grid with its newline tokens) plus the text
   of every turn;
@@ -12,7 +13,13 @@ Every figure is a count of bytes from tensor shapes (docs/design.md §6.4), for 
 - FastV: its ranking layer's float32 attention scores of the last query row, ``batch * heads * tokens``;
 - train: activations kept for the backward pass through the frozen LLM on the reduced sequence
   (``34 * tokens * batch * hidden`` bytes per layer in 16-bit, Korthikanti et al. 2022 without the attention-score
-  term, which SDPA does not store) and the answer logits with their gradient in float32.
+  term, which SDPA does not store; with ``train.activation_checkpointing`` each layer keeps only its input, ``tokens *
+  batch * hidden`` elements, and one layer at a time is recomputed in full) and the answer logits with their gradient
+  in float32, at the micro batch per worker.
+
+Qwen2.5-VL / Qwen2-VL have no fixed image size (dynamic resolution): the most visual tokens are ``max_pixels / (patch
+* merge)**2``, ``max_pixels`` the processor's (its ``preprocessor_config.json``, or the one ``--arch`` builds) unless
+``--max-pixels`` says otherwise; the plan states the figure it assumed.
 
 The plan is a lower bound of what PyTorch allocates (allocator fragmentation and kernel workspaces come on top), so
 a GPU counts as fitting only when the total stays under ``USABLE_SHARE`` of its memory less ``CUDA_CONTEXT``.
@@ -34,6 +41,8 @@ EC2_GPUS = {"g4dn": "T4", "g5": "A10G", "g6": "L4", "g6e": "L40S", "p4d": "A100-
             "p5": "H100-80GB", "p5e": "H200", "p5en": "H200"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SYSTEM_TOKENS, QUESTION_TOKENS, TEMPLATE_TOKENS = 40, 24, 8
+ZERO3_LIVE_PARAMETERS = 10**9  # DeepSpeed's stage3_max_live_parameters default: gathered elements kept at most
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 
 
 @dataclass(frozen=True)
@@ -48,10 +57,14 @@ class ModelShape:
     kv_heads: int
     vocab: int
     max_visual_tokens: int
+    note: str = ""  # an assumption the figures rest on, printed with the plan
 
     @classmethod
-    def of(cls, config) -> "ModelShape":
-        """From a transformers config object (``AutoConfig.from_pretrained(dir)`` or ``build_config(arch)``)."""
+    def of(cls, config, max_pixels: int | None = None) -> "ModelShape":
+        """From a transformers config object (``AutoConfig.from_pretrained(dir)`` or ``build_config(arch)``);
+        ``max_pixels``: the image size bound of a dynamic-resolution family (Qwen), required there."""
+        if config.model_type in QWEN_FAMILIES:
+            return cls._qwen(config, max_pixels)
         t, v = config.text_config, config.vision_config
         head_dim = t.hidden_size // t.num_attention_heads
         kv = getattr(t, "num_key_value_heads", None) or t.num_attention_heads
@@ -73,6 +86,29 @@ class ModelShape:
             visual += max((h // v.patch_size) * (w // v.patch_size + 1) for h, w in pinpoints)
         return cls(text + vision + projector, t.num_hidden_layers, t.hidden_size, t.intermediate_size,
                    t.num_attention_heads, kv, t.vocab_size, visual)
+
+    @classmethod
+    def _qwen(cls, config, max_pixels: int | None) -> "ModelShape":
+        """Qwen2.5-VL / Qwen2-VL: the parameters counted on the meta device (no weights), the visual tokens of an
+        image of ``max_pixels`` (each token: a merge x merge square of patches)."""
+        import torch
+        import transformers
+
+        if not max_pixels or max_pixels < 1:
+            raise ValueError(f"{config.model_type}: dynamic resolution needs the processor's max_pixels; pass "
+                             "--max-pixels N (e.g. 12845056, Qwen's default)")
+        t, v = config.text_config, config.vision_config
+        name = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+        with torch.device("meta"):
+            params = sum(p.numel() for p in getattr(transformers, name[config.model_type])(config).parameters())
+        factor = v.patch_size * v.spatial_merge_size
+        visual = max_pixels // factor ** 2
+        kv = getattr(t, "num_key_value_heads", None) or t.num_attention_heads
+        note = (f"{config.model_type} has dynamic resolution: images of at most {max_pixels} pixels (the "
+                f"processor's max_pixels, or --max-pixels), i.e. at most {max_pixels} // {factor}^2 = {visual} visual "
+                "tokens")
+        return cls(params, t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads, kv,
+                   t.vocab_size, visual, note)
 
     def kv_bytes(self, batch: int, tokens: int, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * (self.hidden // self.heads) * tokens * batch * dtype_bytes
@@ -107,7 +143,8 @@ def stage_memory(shape: ModelShape, config, turns: int = 3) -> list[StageMemory]
     ev, tr = config.evaluate, config.train
     weights = shape.params * dtype
     full = shape.max_visual_tokens + text_tokens(turns, max(ev.max_new_tokens, config.teacher.max_new_tokens))
-    fastv = ev.batch_size * shape.heads * full * 4 if "fastv" in ev.methods else 0  # the last query row only
+    # FastV (any K) reads the last query row of one eager layer
+    fastv = ev.batch_size * shape.heads * full * 4 if any(m.startswith("fastv") for m in ev.methods) else 0
     rows = [
         StageMemory("extract", config.extract.batch_size, shape.max_visual_tokens, weights, 0,
                     shape.prefill_bytes(config.extract.batch_size, shape.max_visual_tokens, dtype), 0),
@@ -117,12 +154,20 @@ def stage_memory(shape: ModelShape, config, turns: int = 3) -> list[StageMemory]
                     shape.prefill_bytes(ev.batch_size, full, dtype), fastv),
     ]
     # Training runs the LVLM in model.dtype (docs/design.md §6.3), on the sequence reduced at the smallest rate,
-    # micro batch per worker.
-    micro = max(1, tr.batch_size // max(1, tr.num_workers))
+    # micro batch per worker; ZeRO-3 holds the worker's partition and the gathered layers.
+    from pipeline.config import batch_split
+
+    micro = batch_split(tr)[0]
     kept = math.ceil(shape.max_visual_tokens * (1 - min(tr.rates))) + text_tokens(turns, config.teacher.max_new_tokens)
     answers = turns * config.teacher.max_new_tokens
-    backward = shape.layers * 34 * kept * micro * shape.hidden * dtype // 2 + 2 * micro * answers * shape.vocab * 4
-    rows.append(StageMemory("train", micro, kept, weights, 0, backward, 0))
+    layer = 34 * kept * micro * shape.hidden * dtype // 2  # one layer's activations kept for its backward
+    kept_layers = shape.layers * kept * micro * shape.hidden * dtype + layer if tr.activation_checkpointing \
+        else shape.layers * layer
+    backward = kept_layers + 2 * micro * answers * shape.vocab * 4
+    train_weights = weights
+    if tr.zero_stage == 3:
+        train_weights = -(-weights // tr.num_workers) + min(shape.params, ZERO3_LIVE_PARAMETERS) * dtype
+    rows.append(StageMemory("train", micro, kept, train_weights, 0, backward, 0))
     return rows
 
 
@@ -153,7 +198,9 @@ def advice(row: StageMemory, shape: ModelShape, config, gpu: str) -> str:
     fits = [name for name in GPUS if row.total <= usable_bytes(name)]
     bigger = f"a GPU with more memory ({', '.join(fits)})" if fits else "a model that fits one GPU"
     if row.stage == "train":
-        return f"set train.num_workers higher or train.batch_size lower, or use {bigger}"
+        return ("set train.activation_checkpointing: true, a smaller train.micro_batch_size (with more "
+                "gradient_accumulation_steps: the global batch stays), or train.zero_stage: 3 with more "
+                f"train.num_workers (weights / workers), or use {bigger}")
     if config.model.dtype == "float32":
         return f"set model.dtype: bfloat16 (float32 doubles the weights and the KV cache), or use {bigger}"
     # teacher and evaluate share evaluate.batch_size: the advice must fit both

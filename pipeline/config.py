@@ -59,12 +59,16 @@ class ShardConfig:
 
 @dataclass
 class ExtractConfig:
-    batch_size: int = 16
+    batch_size: int = 16  # images per vision-tower call (docs/design.md §6.1)
     num_actors: int = 1
+    # CPU actors per model actor that decode and preprocess images, streaming them to it (1 CPU each, on its node);
+    # 0: on a thread of the model actor (docs/design.md §6.1).
+    cpu_workers: int = 0
     # What the feature cache holds (docs/design.md §3): "post_projector": X_IMG per dialogue; "pre_projector": the
     # vision tower's selected-layer output once per distinct image (4x narrower on CLIP-L; the frozen projector runs
-    # in the consumer's step). quantize "int8" (pre_projector only): int8 with a per-token scale, half the bytes.
-    cache: Literal["post_projector", "pre_projector"] = "post_projector"
+    # in the consumer's step); "none" (teacher-only): no features stored, the consumers (teacher, train, evaluate)
+    # encode the images in their step. quantize "int8" (pre_projector only): int8 with a per-token scale.
+    cache: Literal["post_projector", "pre_projector", "none"] = "post_projector"
     quantize: Literal["none", "int8"] = "none"
 
 
@@ -109,7 +113,13 @@ class TrainConfig:
     epochs: int = 2
     # At least this many steps: epochs are raised to the fewest whole epochs that reach it (0: exactly `epochs`).
     min_steps: int = 0
-    batch_size: int = 36
+    batch_size: int = 36  # the global batch: micro_batch_size x gradient_accumulation_steps x num_workers
+    # Dialogues per worker per forward (null: batch_size / (gradient_accumulation_steps x num_workers)); each
+    # optimizer step accumulates gradient_accumulation_steps of them (docs/design.md §6.3).
+    micro_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    # Recompute each LLM layer's activations in the backward pass instead of keeping them (docs/design.md §6.3).
+    activation_checkpointing: bool = False
     entropy_weight: float = 1.0
     collapse_weight: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -127,10 +137,15 @@ class TrainConfig:
     # validations without a new best (0: runs every planned step).
     validate_every: int = 0
     patience: int = 0
+    # Each validation without a new best multiplies the learning rate by this (1: constant; docs/design.md §4.2).
+    lr_decay_on_plateau: float = 1.0
     validation_dialogues: int | None = 64
     # Settings tried besides this section's own, per rate; the lowest validation KL wins (needs validate_every > 0).
     candidates: list[TrainCandidate] = field(default_factory=list)
     seed: int = 0
+    # The training loader's shuffle buffer (docs/design.md §6.3): the rows of this many consecutive shards of a
+    # worker's part are shuffled together (memory: that many shards per worker; 1: within a shard only).
+    shuffle_shards: int = 2
     max_failures: int = 0  # Ray Train restarts after a worker failure (each resumes from the last checkpoint)
 
 
@@ -404,7 +419,36 @@ def _resource_checks(c: PipelineConfig) -> list[tuple[bool, str]]:
     return checks
 
 
+def batch_split(train: TrainConfig) -> tuple[int, int]:
+    """(micro batch per worker, accumulation steps) with ``batch_size = micro x accumulation x num_workers``
+    (docs/design.md §6.3); a ConfigError naming the keys and a setting that multiplies when they do not."""
+    workers, accum, micro = train.num_workers, train.gradient_accumulation_steps, train.micro_batch_size
+    if workers < 1 or accum < 1 or (micro is not None and micro < 1):
+        raise ConfigError("train.num_workers, train.gradient_accumulation_steps and train.micro_batch_size must be "
+                          ">= 1 (micro_batch_size may be null)")
+    if micro is None and train.batch_size % (accum * workers) == 0:
+        return train.batch_size // (accum * workers), accum
+    if micro is not None and micro * accum * workers == train.batch_size:
+        return micro, accum
+    # fixes: keep the global batch (the largest micro batch whose accumulation makes up the rest), else the nearest
+    # batches that split, else worker counts that divide it
+    unit = workers * (micro or 1) * accum
+    keep = next(((m, train.batch_size // (m * workers)) for m in range(train.batch_size // workers, 0, -1)
+                 if train.batch_size % (m * workers) == 0), None)
+    lower, divisors = train.batch_size // unit * unit, [w for w in range(2, train.batch_size + 1) if not
+                                                        train.batch_size % w][:4]
+    fixes = [f"train.micro_batch_size: {keep[0]} with train.gradient_accumulation_steps: {keep[1]}"] if keep else []
+    fixes += [f"train.batch_size: {b}" for b in ((unit,) if micro else (lower, lower + unit)) if b > 0]
+    if not keep:
+        fixes.append(f"train.num_workers: one of {divisors} (they divide {train.batch_size})")
+    raise ConfigError(f"train.batch_size = {train.batch_size} must equal train.micro_batch_size ({micro or 'null'}) x "
+                      f"train.gradient_accumulation_steps ({accum}) x train.num_workers ({workers}); set "
+                      + " or ".join(fixes))
+
+
 def validate(config: PipelineConfig) -> PipelineConfig:
+    if config.train.batch_size > 0:
+        batch_split(config.train)
     checks = [
         (all(0 < r < 1 for r in config.train.rates), "train.rates: every rate must be in (0, 1)"),
         (all(0 < r < 1 for r in config.evaluate.rates), "evaluate.rates: every rate must be in (0, 1)"),
@@ -416,15 +460,22 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         (config.train.num_workers > 0, "train.num_workers must be positive"),
         (config.train.checkpoint_every > 0, "train.checkpoint_every must be positive"),
         (config.extract.cache == "post_projector" or config.train.zero_stage != 3,
-         "extract.cache: pre_projector needs train.zero_stage 0, 1 or 2: the projector runs as the data is read, and "
-         "under ZeRO-3 its forward is a collective the workers would not call in step; use zero_stage 2 or "
+         f"extract.cache: {config.extract.cache} needs train.zero_stage 0, 1 or 2: the model runs as the data is "
+         "read, and under ZeRO-3 its forward is a collective the workers would not call in step; use zero_stage 2 or "
          "extract.cache: post_projector"),
         (config.extract.quantize == "none" or config.extract.cache == "pre_projector",
          f"extract.quantize = {config.extract.quantize} needs extract.cache: pre_projector (the post-projector "
          "cache is stored in 16-bit only)"),
+        (config.extract.batch_size >= 1 and config.extract.cpu_workers >= 0,
+         f"extract.batch_size = {config.extract.batch_size} must be >= 1 and extract.cpu_workers = "
+         f"{config.extract.cpu_workers} >= 0 (0: preprocess in the model actor)"),
+        (config.train.shuffle_shards >= 1,
+         f"train.shuffle_shards = {config.train.shuffle_shards}: must be >= 1 (1: rows shuffled within a shard)"),
         (config.train.heldout_dialogues is None or config.train.heldout_dialogues >= 0,
          f"train.heldout_dialogues = {config.train.heldout_dialogues}: must be >= 0 (0: no held-out pass), or null "
          "for the whole test split"),
+        (0.0 < config.train.lr_decay_on_plateau <= 1.0,
+         f"train.lr_decay_on_plateau = {config.train.lr_decay_on_plateau}: must be in (0, 1] (1: constant rate)"),
         (config.train.validate_every >= 0 and config.train.patience >= 0,
          "train.validate_every and train.patience must be >= 0 (0: no validation / no early stop)"),
         (config.train.validation_dialogues is None or config.train.validation_dialogues >= 1,

@@ -33,6 +33,7 @@ def apply_defaults() -> None:
         # MLflow's loggers have their own console handler (they bypass ours): no INFO lines such as "Creating
         # initial MLflow database tables".
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # "Downloading artifacts" bars
     if not os.path.exists("/dev/nvidiactl"):
         # Said up front, DeepSpeed's choice of the CPU accelerator is an INFO line, not a console warning.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -19,7 +19,8 @@ import math
 from pathlib import Path
 
 LABELS = {"full": "Base", "random": "Random", "sample": "Sample", "spatial": "Spatial", "fastv": "FastV",
-          "tome": "ToMe", "prumerge": "PruMerge", "prumerge_plus": "PruMerge+", "prumerge_adaptive": "PruMerge (adaptive)", "visionzip": "VisionZip",
+          "fastv_k1": "FastV (K=1)", "tome": "ToMe", "prumerge": "PruMerge", "prumerge_plus": "PruMerge+",
+          "prumerge_adaptive": "PruMerge (adaptive)", "visionzip": "VisionZip",
           "metacompress": "MetaCompress", "tprl": "TPRL"}
 EFFICIENCY_COLUMNS = [("TTFT (ms)", "ttft_ms", "ttft_ms_std"), ("E2ET (ms)", "e2e_ms", "e2e_ms_std"),
                       ("Mem. (GB)", "peak_mem_gb", None), ("TFLOPs", "tflops", None),

@@ -13,6 +13,8 @@ The compressor is logged as a pyfunc "model from code" (``pipeline/mlflow_model.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import time
 from pathlib import Path
 from typing import Iterator
@@ -30,7 +32,15 @@ SERVER_SCHEMES = ("http://", "https://", "databricks")
 
 
 def tracking_uri(config: PipelineConfig) -> str:
-    return config.tracking.uri or f"sqlite:///{Path(config.work_dir).resolve()}/mlflow.db"
+    """``tracking.uri``, else SQLite in the work_dir; a storage-URI work_dir cannot hold a SQLite file, so its
+    database is local: ``pipeline.storage.local_cache(work_dir)/mlflow.db`` (docs/design.md §6.4)."""
+    from pipeline import storage
+
+    if config.tracking.uri:
+        return config.tracking.uri
+    if storage.is_remote(config.work_dir):
+        return f"sqlite:///{storage.local_cache(config.work_dir)}/mlflow.db"
+    return f"sqlite:///{Path(config.work_dir).resolve()}/mlflow.db"
 
 
 def _ray_head(config: PipelineConfig) -> str | None:
@@ -49,6 +59,8 @@ def artifact_root(config: PipelineConfig) -> str | None:
     """``file://<work_dir>/mlartifacts`` unless the tracking server manages artifacts itself (http)."""
     if tracking_uri(config).startswith(SERVER_SCHEMES):
         return None
+    if "://" in config.work_dir:  # an object store: MLflow writes its artifacts there itself (boto3 for s3://)
+        return f"{config.work_dir.rstrip('/')}/mlartifacts"
     return (Path(config.work_dir).resolve() / "mlartifacts").as_uri()
 
 
@@ -181,6 +193,13 @@ def nested_run(name: str, params: dict | None = None) -> Iterator:
 def log_compressor(directory: str | Path, config: PipelineConfig, tags: dict | None = None):
     """Log a ``MetaCompress.save_pretrained`` directory as a code-based pyfunc model in the active run (or none),
     register it under ``tracking.registered_model`` and point the alias ``candidate`` at it -> ModelVersion."""
+    from pipeline import storage
+
+    with storage.local_copy(str(directory)) as local:  # any storage URI (docs/design.md §6.4)
+        return _log_compressor(Path(local), config, tags)
+
+
+def _log_compressor(directory: Path, config: PipelineConfig, tags: dict | None):
     import mlflow
     import numpy as np
     from mlflow.models import infer_signature
@@ -188,7 +207,6 @@ def log_compressor(directory: str | Path, config: PipelineConfig, tags: dict | N
 
     from compress.metacompress import MetaCompress
 
-    directory = Path(directory)
     module = MetaCompress.from_pretrained(directory)  # validates the directory before anything is logged
     setup(config)
     d = module.config["hidden_size"]
@@ -201,7 +219,11 @@ def log_compressor(directory: str | Path, config: PipelineConfig, tags: dict | N
     name = config.tracking.registered_model
     # the registry keeps the weights' sha256; load_compressor checks it (docs/design.md §8)
     tags = {**(tags or {}), WEIGHTS_SHA_TAG: file_sha256(str(directory / "model.safetensors"))}
-    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    # MLflow prints "Successfully registered model ..." straight to stderr, past the logging setup: into the log file
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
+    if said.getvalue().strip():
+        logging.getLogger("metacompress").info("mlflow: %s", said.getvalue().strip())
     client = MlflowClient()
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return client.get_model_version(name, version.version)

@@ -40,6 +40,10 @@ def load_split(config: PipelineConfig, split: str, limit: int | None) -> tuple[l
     for d in iter_dialogues(path, check_images=False,
                             on_error=lambda e: bad.append([e.dialogue_id or f"{e.path}:{e.line}",
                                                              f"{e.path}:{e.line}: {e.reason}"])):
+        if d.kind == "video":  # the video path exists in compress/lvlm/video.py, the stages do not drive it yet
+            bad.append([d.dialogue_id, f"{path}: dialogue {d.dialogue_id!r} has a video; the stages run image "
+                                       "dialogues only (docs/design.md §5, video)"])
+            continue
         records.append({"dialogue_id": d.dialogue_id, "image": str(d.image), "source": d.source,
                         "questions": [t.question for t in d.turns], "answers": [list(t.answers) for t in d.turns]})
         if limit is not None and len(records) >= limit:
@@ -104,8 +108,9 @@ class FeatureReader:
     """Reads the extract stage's shards as per-dialogue rows of post-projector features, whatever the cache keeps.
     ``pre_projector`` rows hold the tower output once per distinct image (later dialogues of an image refer to its
     first row by ``ref_shard``), 16-bit or int8 with a per-token scale; they are resolved, dequantised and projected
-    with ``adapter`` here, in the consumer's step. Every shard is hashed as it is read
-    (``StageOutput.read_records``)."""
+    with ``adapter`` here, in the consumer's step. ``none`` rows (teacher-only, ``crops`` 0) hold no features: the
+    image is encoded with ``adapter`` here and rounded to the cache's 16-bit dtype, as the post-projector cache would
+    store it. Every shard is hashed as it is read (``StageOutput.read_records``)."""
 
     def __init__(self, feature_args: dict, adapter=None, keep: int = 4):
         self.out = StageOutput(**feature_args)
@@ -129,17 +134,32 @@ class FeatureReader:
         if not rows or "ref_shard" not in rows[0]:
             return rows  # a post-projector cache: rows hold X_IMG
         if self.adapter is None:
-            raise ValueError(f"{self.out.uri} holds pre-projector features (extract.cache: pre_projector); its "
-                             "reader needs the model to project them: pass the adapter")
+            raise ValueError(f"{self.out.uri} holds pre-projector features or none (extract.cache: pre_projector "
+                             "or none); its reader needs the model to project or compute them: pass the adapter")
         self._remember(index, rows)
         out = []
         for r in rows:
+            if int(r["crops"]) == 0:  # extract.cache: none
+                plain = {k: v for k, v in r.items() if k not in PRE_PROJECTOR_COLUMNS}
+                out.append({**plain, "features": self._encode(r)})
+                continue
             source = self._image_rows(int(r["ref_shard"])).get(r["image"])
             if source is None:  # the image failed in extract; its error is recorded there
                 continue
             plain = {k: v for k, v in r.items() if k not in PRE_PROJECTOR_COLUMNS}
             out.append({**plain, "features": self._project(source)})
         return out
+
+    def _encode(self, row: dict):
+        import torch
+
+        with torch.no_grad():
+            x = self.adapter.encode(row["image"]).tokens
+        if x.shape[0] != int(row["n_tokens"]):
+            raise ValueError(f"dialogue {row['dialogue_id']!r}: its image {row['image']} gives {x.shape[0]} visual "
+                             f"tokens, the extract stage recorded {row['n_tokens']}; the image changed since: re-run "
+                             "extract with --overwrite")
+        return x.to("cpu", getattr(torch, row["post_dtype"]))
 
     def _project(self, row: dict):
         import numpy as np
@@ -181,13 +201,14 @@ def shard_ranges(count: int, per_shard: int) -> list[tuple[int, int]]:
     return [(start, min(start + per_shard, count)) for start in range(0, count, per_shard)]
 
 
-def model_actor(cls, num_gpus: float, num_cpus: float = 1):
+def model_actor(cls, num_gpus: float, num_cpus: float = 1, max_concurrency: int = 1):
     """A Ray actor class for a model worker: one GPU when there are GPUs, spread over the nodes, restarted on
-    another node (with its in-flight shard retried) when its node dies. Shard writes are atomic and idempotent."""
+    another node (with its in-flight shard retried) when its node dies. Shard writes are atomic and idempotent.
+    ``max_concurrency`` > 1: that many shards at once on threads (the class keeps its model work in order)."""
     import ray
 
     return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=3, max_task_retries=3,
-                      scheduling_strategy="SPREAD")(cls)
+                      scheduling_strategy="SPREAD", max_concurrency=max_concurrency)(cls)
 
 
 class StageFailed(RuntimeError):
@@ -213,12 +234,13 @@ class StageReport:
 
 def run_sharded(out: StageOutput, num_shards: int, total_records: int, make_actor: Callable[[], object],
                 num_actors: int, task_args: Callable[[int], tuple], max_error_fraction: float,
-                progress: bool = True) -> StageReport:
+                progress: bool = True, tasks_per_actor: int = 1) -> StageReport:
     """Compute the missing (or corrupt) shards of a prepared ``out`` on a pool of actors, record per-record errors,
     finish.
 
     ``make_actor()`` returns a Ray actor handle with a ``run_shard(*task_args(i))`` method that writes shard ``i``
-    itself and returns ``{"records": int, "errors": [[record_id, reason], ...]}``.
+    itself and returns ``{"records": int, "errors": [[record_id, reason], ...]}``. ``tasks_per_actor``: shards
+    given to each actor at once (its class made with that ``max_concurrency``).
     """
     from ray.util import ActorPool
     from tqdm import tqdm
@@ -227,7 +249,8 @@ def run_sharded(out: StageOutput, num_shards: int, total_records: int, make_acto
     todo = out.missing_shards(num_shards)
     records = 0
     if todo:
-        pool = ActorPool([make_actor() for _ in range(min(num_actors, len(todo)))])
+        actors = [make_actor() for _ in range(min(num_actors, len(todo)))]
+        pool = ActorPool([a for a in actors for _ in range(tasks_per_actor)])
         results = pool.map_unordered(lambda actor, i: actor.run_shard.remote(*task_args(i)), todo)
         for result in tqdm(results, total=len(todo), desc=out.stage, unit="shard", disable=not progress):
             records += result["records"]

@@ -31,7 +31,7 @@ def prompt_embeds(adapter, ids, tokens):
     return emb
 
 
-def reference_ranking(adapter, ids, tokens, rate):
+def reference_ranking(adapter, ids, tokens, rate, k=K):
     """Layer K-1 attention from a plain eager forward of the whole model: last prompt token's row, mean over heads,
     image columns, top m -> sorted indices into X_IMG."""
     from compress.reduction import num_keep
@@ -42,12 +42,12 @@ def reference_ranking(adapter, ids, tokens, rate):
             out = adapter.model(inputs_embeds=prompt_embeds(adapter, ids, tokens), output_attentions=True)
     finally:
         adapter.model.set_attn_implementation("sdpa")
-    row = out.attentions[K - 1][0].mean(0)[-1]
+    row = out.attentions[k - 1][0].mean(0)[-1]
     image = (torch.tensor(ids) == IMAGE_TOKEN_ID).nonzero().squeeze(1)
     return row[image].topk(num_keep(len(image), rate)).indices.sort().values  # indices into X_IMG
 
 
-def masked_reference_logits(adapter, ids, tokens, dropped):
+def masked_reference_logits(adapter, ids, tokens, dropped, k=K):
     """The 'mask' variant of FastV: the full sequence at its own positions, but from layer K on no query may see a
     dropped image token. Equal to running layers >= K on the shortened sequence at the original positions."""
     length = len(ids)
@@ -61,7 +61,7 @@ def masked_reference_logits(adapter, ids, tokens, dropped):
         return args, kwargs
 
     layers = adapter.language_model.layers
-    handles = [layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in range(K, len(layers))]
+    handles = [layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in range(k, len(layers))]
     try:
         with torch.no_grad():
             return adapter.model(inputs_embeds=prompt_embeds(adapter, ids, tokens)).logits[0, -1]
@@ -84,33 +84,34 @@ def test_keep_and_compact_pure_functions():
         fastv_keep(scores, image, [5, 1])
 
 
-def test_fastv_keeps_the_top_ranked_tokens_and_matches_the_masked_model(llava):
+@pytest.mark.parametrize("method,k", [("fastv", K), ("fastv_k1", 1)])
+def test_fastv_keeps_the_top_ranked_tokens_and_matches_the_masked_model(llava, method, k):
     from compress.lvlm.session import ChatSession, expand_image
 
     rate = 0.75
-    session = ChatSession(llava, "fastv", rate, max_new_tokens=3, fastv_k=K)
+    session = ChatSession(llava, method, rate, max_new_tokens=3, fastv_k=K)  # fastv_k1 ranks with layer 0 whatever
     session.set_image(random_image(seed=11))
     tokens = session.image_tokens
     segs = llava.segment_ids(QUESTIONS)
     segs[0] = expand_image(segs[0], IMAGE_TOKEN_ID, tokens.shape[0])
     first = session.ask(QUESTIONS[0])
     kept = session.fastv_kept
-    assert torch.equal(kept, reference_ranking(llava, segs[0], tokens, rate))
+    assert torch.equal(kept, reference_ranking(llava, segs[0], tokens, rate, k))
     assert first.stats.visual_tokens == 16 and len(kept) == 16
     image = (torch.tensor(segs[0]) == IMAGE_TOKEN_ID).nonzero().squeeze(1)
     dropped = sorted(set(image.tolist()) - set(image[kept].tolist()))
-    ref = masked_reference_logits(llava, segs[0], tokens, dropped)
+    ref = masked_reference_logits(llava, segs[0], tokens, dropped, k)
     assert torch.allclose(first.first_logits, ref, atol=ATOL), (first.first_logits - ref).abs().max()
     # the pruned cache serves the next turn: same as the masked model over the whole history
     second = session.ask(QUESTIONS[1])
     ids = segs[0] + first.answer_ids + segs[1]
-    ref2 = masked_reference_logits(llava, ids, tokens, dropped)
+    ref2 = masked_reference_logits(llava, ids, tokens, dropped, k)
     assert torch.allclose(second.first_logits, ref2, atol=ATOL), (second.first_logits - ref2).abs().max()
-    # cache lengths: layers < K hold every token once (layer K-1 not doubled), layers >= K the kept ones only
+    # cache lengths: layers < k hold every token once (layer k-1 not doubled), layers >= k the kept ones only
     prompt = len(segs[0]) + len(first.answer_ids) + len(segs[1])
     cache = session.batch.state.cache
     lengths = [layer.get_seq_length() for layer in cache.layers]
-    assert lengths == [prompt] * K + [prompt - len(dropped)] * (len(lengths) - K)
+    assert lengths == [prompt] * k + [prompt - len(dropped)] * (len(lengths) - k)
 
 
 def test_fastv_batched_equals_one_at_a_time(llava_next):

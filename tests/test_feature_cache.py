@@ -137,3 +137,94 @@ def test_projecting_the_tower_output_reproduces_the_models_features(family, size
     got = project_hidden(adapter, hidden, prepared.image_size)
     assert got.shape == expected.shape == (prepared.layout.num_tokens, expected.shape[1])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_batched_extract_gives_each_images_own_features(shared, ray_local):
+    """CPU actors preprocess, the tower runs 2 images at a time, 2 shards in flight: every dialogue's features are
+    the model's own for its image, as one image at a time computes them (adapter.encode)."""
+    import torch
+
+    from compress.lvlm import load_adapter
+    from pipeline.dialogues import load_dialogues
+    from pipeline.shards import StageOutput
+    from stages import extract
+    from stages.outputs import extract_args
+
+    config = _config(shared, "stream", cpu_workers=1, batch_size=2)
+    report = extract.run(config, "train", progress=False)
+    assert report.records == K * IMAGES and report.computed == 4
+    adapter = load_adapter(config.model.path)
+    out = StageOutput(**extract_args(config, "train"))
+    rows = [r for i in range(4) for r in out.read_records(i)]
+    dialogues = load_dialogues(config.data.train)
+    assert [r["dialogue_id"] for r in rows] == [d.dialogue_id for d in dialogues]
+    for row, dialogue in zip(rows, dialogues):
+        expected = adapter.encode(dialogue.image).tokens.half()
+        got = torch.from_numpy(np.array(row["features"]))
+        assert got.shape == expected.shape and row["n_tokens"] == expected.shape[0]
+        torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_tprl_behaviour_cloning_reads_a_pre_projector_cache(shared, ray_local):
+    """The driver's features for the autoencoder and behaviour cloning (stages.tprl.inputs.driver_features): from a
+    pre-projector cache, projected on the stage's actor, the same as the post-projector cache's rows."""
+    import ray
+    import torch
+
+    from pipeline.shards import StageOutput
+    from stages import extract
+    from stages.outputs import extract_args
+    from stages.tprl.inputs import driver_features, prepared_args
+    from stages.tprl.worker import TPRLWorker
+
+    post, pre = _config(shared, "post"), _config(shared, "pre", cache="pre_projector")
+    for config in (post, pre):
+        extract.run(config, "train", progress=False)
+    post_rows = driver_features(post, extract_args(post, "train"), 4, actors=lambda: [])
+    plain = StageOutput(**extract_args(post, "train"))
+    assert [(d, x.shape) for d, x in post_rows] == [(r["dialogue_id"], r["features"].shape)
+                                                     for i in range(4) for r in plain.read_records(i)]
+    feats = extract_args(pre, "train")
+    worker = ray.remote(TPRLWorker).remote(pre.model.path, "float32", "cpu", feats, prepared_args(pre, feats),
+                                           {"max_new_tokens": 2})
+    pre_rows = driver_features(pre, feats, 4, actors=lambda: [worker])
+    ray.kill(worker)
+    assert [d for d, _ in pre_rows] == [d for d, _ in post_rows]
+    for (_, a), (_, b) in zip(pre_rows, post_rows):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_teacher_only_cache_gives_the_cached_features_loss(shared, ray_local):
+    """extract.cache: none (teacher-only) stores no features; the teacher and the train step encode the images: the
+    same teacher answers and student loss as with the post-projector cache."""
+    import torch
+
+    from compress.lvlm import load_adapter
+    from pipeline.dialogues import load_dialogues
+    from pipeline.shards import StageOutput
+    from stages import extract, teacher
+    from stages.outputs import extract_args, teacher_args
+    from stages.train.data import CachedSource
+    from stages.train.student import build_student
+
+    adapter = load_adapter(str(shared / "model"))
+    post, none = _config(shared, "post"), _config(shared, "none", cache="none")
+    for config in (post, none):
+        extract.run(config, "train", progress=False)
+        teacher.run(config, "train", progress=False)
+    stored = [r for i in range(4) for r in StageOutput(**extract_args(none, "train")).read_records(i)]
+    assert len(stored) == K * IMAGES and all(len(r["features"]) == 0 for r in stored)
+    targets = {w: [r for i in range(4) for r in StageOutput(**teacher_args(c, "train")).read_records(i)]
+               for w, c in (("post", post), ("none", none))}
+    assert [r["answers"] for r in targets["none"]] == [r["answers"] for r in targets["post"]]
+    questions = {d.dialogue_id: [t.question for t in d.turns] for d in load_dialogues(post.data.train)}
+    keys = [(0, 0), (1, 2), (2, 1), (3, 0)]
+    losses = {}
+    for work, config in (("post", post), ("none", none)):
+        source = CachedSource(extract_args(config, "train"), teacher_args(post, "train"), questions, adapter)
+        student = build_student(adapter, config.train, config.train.seed)
+        with torch.no_grad():
+            losses[work] = {k: float(v) for k, v in student(source.examples(keys), 0.7).items() if k in ("loss", "kl")}
+    for term in ("loss", "kl"):
+        assert losses["none"][term] == pytest.approx(losses["post"][term], rel=1e-3, abs=1e-4)

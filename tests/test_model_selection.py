@@ -18,6 +18,20 @@ def test_early_stopping_keeps_the_strict_minimum_and_stops_after_patience():
     assert not never.stop and never.best_step == 1
 
 
+def test_plateau_decay_halves_the_rate_after_each_validation_without_a_new_best_and_survives_a_resume():
+    from stages.train.validation import EarlyStopping
+
+    stop = EarlyStopping(patience=3, decay=0.5)
+    scales = []
+    for kl, step in [(3.0, 10), (3.5, 20), (2.0, 30), (2.0, 40), (2.1, 50)]:
+        stop.update(kl, step)
+        scales.append(stop.lr_scale)
+    assert scales == [1.0, 0.5, 0.5, 0.25, 0.125]  # a new best keeps the rate reached; no return to 1
+    again = EarlyStopping.from_dict(3, stop.to_dict(), decay=0.5)
+    assert again == stop
+    assert EarlyStopping.from_dict(3, {"best_kl": 1.0}).lr_scale == 1.0  # a checkpoint from before the option
+
+
 def test_choose_takes_the_lowest_validation_kl_and_the_first_on_ties():
     from stages.train.driver import choose
 

@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.tiny_models import save_tiny
@@ -301,22 +302,80 @@ def test_cached_and_online_teacher_give_the_same_loss(workspace):
     assert all(p.grad is None for p in student.lvlm.parameters())
 
 
-def test_epoch_order_partitions_the_data_by_shard_and_reshuffles():
-    from stages.train.data import batch_keys, epoch_order, steps_per_epoch
+def reference_order(rows, seed, epoch, rank, world, window):
+    """The loader's documented order (docs/design.md §6.3), written out plainly: shards and their rows drawn from
+    default_rng([seed, epoch]), the stream cut into world equal parts, each part's shard runs shuffled `window` at a
+    time with default_rng([seed, epoch, rank])."""
+    rng = np.random.default_rng([seed, epoch])
+    stream = []
+    for s in rng.permutation(len(rows)):
+        stream += [(int(s), int(r)) for r in rng.permutation(rows[s])]
+    total = len(stream)
+    part = stream[rank * total // world:(rank + 1) * total // world]
+    runs = []
+    for key in part:
+        if runs and runs[-1][-1][0] == key[0]:
+            runs[-1].append(key)
+        else:
+            runs.append([key])
+    rng = np.random.default_rng([seed, epoch, rank])
+    out = []
+    for i in range(0, len(runs), window):
+        buffer = [k for run in runs[i:i + window] for k in run]
+        out += [buffer[j] for j in rng.permutation(len(buffer))]
+    return out
 
-    rows = [4, 4, 3, 4, 2]
-    orders = {(e, r): epoch_order(rows, 7, e, r, 2) for e in (0, 1) for r in (0, 1)}
+
+def test_epoch_order_deals_shards_afresh_and_covers_every_row_once():
+    from stages.train.data import epoch_order, steps_per_epoch
+
+    rows = [4, 4, 3, 4, 2, 4, 4]
     everything = sorted((s, i) for s, n in enumerate(rows) for i in range(n))
-    for e in (0, 1):
-        assert sorted(orders[e, 0] + orders[e, 1]) == everything  # each dialogue once per epoch, one worker
-        assert {s for s, _ in orders[e, 0]} == {0, 2, 4} and {s for s, _ in orders[e, 1]} == {1, 3}
-    assert orders[0, 0] != orders[1, 0]  # a new order each epoch, the same one for the same (seed, epoch, rank)
-    assert orders[0, 0] == epoch_order(rows, 7, 0, 0, 2)
-    per_epoch = steps_per_epoch(rows, 2, 3)  # worker 1 has 8 rows: 2 full micro batches
-    assert per_epoch == 2
-    assert batch_keys(rows, 7, 3, 0, 2, 3, per_epoch) == orders[1, 0][3:6]  # step 3 = epoch 1, second batch
-    with pytest.raises(ValueError, match="worker 1 of 2 gets 8 dialogues"):
-        steps_per_epoch(rows, 2, 9)
+    orders = {(e, r): epoch_order(rows, 7, e, r, 2, 2) for e in (0, 1, 2) for r in (0, 1)}
+    for e in (0, 1, 2):
+        assert sorted(orders[e, 0] + orders[e, 1]) == everything  # each dialogue once per epoch, on one worker
+        assert {len(orders[e, 0]), len(orders[e, 1])} == {12, 13}  # equal parts (+-1)
+    shards = {(e, r): {s for s, _ in orders[e, r]} for e in (0, 1, 2) for r in (0, 1)}
+    assert len({frozenset(shards[e, 0]) for e in (0, 1, 2)}) > 1  # dealt afresh each epoch
+    assert orders[0, 0] == epoch_order(rows, 7, 0, 0, 2, 2) and orders[0, 0] != epoch_order(rows, 8, 0, 0, 2, 2)
+    for (e, r), order in orders.items():
+        assert order == reference_order(rows, 7, e, r, 2, 2)
+    # The buffer mixes shards: some run of 3 keys of a worker holds two shards before its first shard is used up.
+    assert any(len({s for s, _ in orders[0, 0][i:i + 3]}) > 1 for i in range(4))
+    assert steps_per_epoch(rows, 2, 3) == 4  # 25 rows: parts of 12 and 13
+    with pytest.raises(ValueError, match="each of the 2 workers gets 12 of the 25 dialogues"):
+        steps_per_epoch(rows, 2, 13)
+
+
+def test_a_resumed_run_continues_the_uninterrupted_order():
+    from stages.train.data import Prefetcher, batch_keys, steps_per_epoch
+
+    rows, seed, world, micro, window = [5, 3, 4, 4, 2, 5], 3, 2, 2, 3
+    per_epoch = steps_per_epoch(rows, world, micro)
+    steps = 3 * per_epoch
+
+    def uninterrupted(rank):  # the reference order, cut into micro batches, epoch after epoch
+        out = []
+        for step in range(steps):
+            epoch, pos = divmod(step, per_epoch)
+            out.append(reference_order(rows, seed, epoch, rank, world, window)[pos * micro:(pos + 1) * micro])
+        return out
+
+    class Recording:  # a source whose examples are its keys
+        def examples(self, keys):
+            return list(keys)
+
+    for rank in range(world):
+        expected = uninterrupted(rank)
+
+        def keys_of(step, rank=rank):
+            return batch_keys(rows, seed, step, rank, world, micro, per_epoch, window)
+
+        first = Prefetcher(Recording(), keys_of, 0, steps)
+        before = [first.get(s) for s in range(per_epoch + 2)]  # killed mid-epoch 1 after these steps
+        resumed = Prefetcher(Recording(), keys_of, per_epoch + 2, steps)  # a fresh process from the checkpoint
+        after = [resumed.get(s) for s in range(per_epoch + 2, steps)]
+        assert before + after == expected
 
 
 def test_prefetcher_gives_the_steps_batches_in_order_and_resumes_exactly():
@@ -370,5 +429,5 @@ def test_deepspeed_config():
     assert "optimizer" not in cpu and cpu["zero_allow_untested_optimizer"]  # client torch optimizer: no JIT op
     # bf16 mode follows the compressor's dtype, never the device (docs/design.md §6.3)
     assert ds_config(TrainConfig(zero_stage=2, compressor_dtype="bfloat16"), 1)["bf16"]["enabled"] is True
-    with pytest.raises(ValueError, match="multiple of the number of workers"):
+    with pytest.raises(ValueError, match=r"train.num_workers \(5\); set train.batch_size: 35"):
         ds_config(TrainConfig(batch_size=36), world_size=5)

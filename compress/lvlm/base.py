@@ -129,10 +129,14 @@ class LVLMAdapter:
             device = torch.device("cuda", torch.cuda.current_device())
         # Straight onto the device (docs/design.md §6.4): with a device_map transformers builds the model on the meta
         # device and copies each tensor of the memory-mapped safetensors file to its place on ``device``, in
-        # ``dtype``; a plain load followed by ``.to(device)`` held a whole host copy per actor first.
+        # ``dtype``; a plain load followed by ``.to(device)`` held a whole host copy per actor first. Under a live
+        # ZeRO-3 config (the train stage's, docs/design.md §6.3) transformers partitions each tensor as it loads and
+        # places the partitions itself: a device_map is refused there.
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
         model = getattr(transformers, cls.model_class).from_pretrained(
             str(model_dir), dtype=dtype or torch.float32, attn_implementation=attn_implementation,
-            use_safetensors=True, device_map={"": device})
+            use_safetensors=True, device_map=None if is_deepspeed_zero3_enabled() else {"": device})
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         return cls(model, tokenizer, cls.load_processor(model_dir, model.config), model_dir,
                    conversation=conversation)
@@ -200,6 +204,12 @@ class LVLMAdapter:
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    @property
+    def reference_grid(self) -> tuple[int, int]:
+        """The token grid MetaCompress's position table is stored at (docs/design.md §4.1): the vision tower's own."""
+        vc = self.model.config.vision_config
+        return vc.image_size // vc.patch_size, vc.image_size // vc.patch_size  # 24 x 24 for 336 px
 
     @property
     def feature_layer(self) -> int:

@@ -4,7 +4,7 @@
 - ``feature``: ``fn(x (n, d), num_keep, layout) -> Reduction`` on X_IMG once per image (random, sample, spatial,
   metacompress, tprl). A prompt-dependent one (``fn.prompt_dependent``, e.g. TPRL) also takes
   ``prompt_embedding=`` (d,) of the first turn's question; the session reduces when that question arrives.
-- ``llm``: inside the LLM at the first prefill (fastv); ``fn`` is ignored, the session drives
+- ``llm``: inside the LLM at the first prefill (fastv, fastv_k1); ``fn`` is ignored, the session drives
   ``compress.baselines.fastv.FastV``.
 - ``vision``: inside the CLIP vision tower, ``fn(vision_tower, pixel_values, num_keep, feature_layer,
   select_strategy, **options)`` (tome, prumerge, prumerge_plus, visionzip); the adapter applies the projector.
@@ -47,6 +47,10 @@ class Method:
 METHODS: dict[str, Method] = {
     "full": Method("full", "none"),
     "fastv": Method("fastv", "llm"),
+    # FastV ranking with LLM layer 0 and pruning before layer 1: on a shallow LLM (the 3-layer references) the
+    # paper's K = 2 runs most of the model on every token (docs/design.md §4.4.2); K = 1 is the nearest to the
+    # paper's share (2 of 32 layers). ``options["k"]`` overrides the session's ``fastv_k``.
+    "fastv_k1": Method("fastv_k1", "llm", options={"k": 1}),
 }
 
 

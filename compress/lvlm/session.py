@@ -156,6 +156,7 @@ class BatchChatSession:
         if history not in HISTORY_MODES:
             raise ValueError(f"history={history!r}; use one of {HISTORY_MODES}")
         layers = adapter.text_config.num_hidden_layers
+        fastv_k = int(self.method.options.get("k", fastv_k))
         if self.method.kind == "llm" and not 1 <= fastv_k < layers:
             raise ValueError(f"fastv_k={fastv_k} must be in [1, {layers - 1}] for a {layers}-layer LLM")
         if recompress not in ("once", "per_turn"):

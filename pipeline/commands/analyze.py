@@ -23,6 +23,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--steps", type=int, default=500, help="SGD steps of the oracle (paper: 500)")
     o.add_argument("--lr", type=float, default=10.0, help="SGD learning rate of the oracle (paper: 10)")
     o.add_argument("--entropy-weight", type=float, default=1.0)
+    o.add_argument("--init", choices=("random", "pool"), default="random",
+                   help="oracle start: near-uniform rows (paper) or MetaCompress's pooling windows")
+    o.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="oracle optimizer (paper: sgd)")
     o.add_argument("--topk", type=int, default=64, help="L_pred over the teacher's top-k ids plus the tail bucket "
                                                         "(docs/design.md §3); 0: KL over the full vocabulary")
     o.add_argument("--compressor", default=None, help="trained MetaCompress directory (adds the metacompress row)")

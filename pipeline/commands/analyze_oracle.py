@@ -110,7 +110,8 @@ def analyse_dialogue(adapter, dialogue, methods: dict, args, score) -> dict:
     x = encoded.tokens
     m = num_keep(x.shape[0], args.rate)
     loss_fn = _pred_loss(adapter, dialogue.questions, teacher_ids, x, args.topk, vqa)
-    fit = fit_oracle(x, m, loss_fn, steps=args.steps, lr=args.lr, entropy_weight=args.entropy_weight, seed=args.seed)
+    fit = fit_oracle(x, m, loss_fn, steps=args.steps, lr=args.lr, entropy_weight=args.entropy_weight, seed=args.seed,
+                     init=args.init, optimizer=args.optimizer)
     record["oracle_losses"] = fit.losses
     with torch.no_grad():  # the two terms at the fitted P: how close the oracle gets to the teacher
         p = fit.reduction.matrix
@@ -175,7 +176,8 @@ def summarise(records: list[dict], args, family: str) -> dict:
               "final_entropy": _mean([r["oracle_entropy"] for r in done])}
     return {"model": str(args.model), "family": family, "dialogues_file": str(args.dialogues), "rate": args.rate,
             "dialogues": len(done), "skipped": {r["dialogue_id"]: r["skipped"] for r in records if "skipped" in r},
-            "oracle": {"steps": args.steps, "lr": args.lr, "entropy_weight": args.entropy_weight,
+            "oracle": {"steps": args.steps, "lr": args.lr, "entropy_weight": args.entropy_weight, "init": args.init,
+                       "optimizer": args.optimizer,
                        "pred_loss": f"top-{args.topk} KL" if args.topk > 0 else "full-vocabulary KL", **oracle},
             "keep_rule": args.keep_rule, "top_fraction": args.top_fraction,
             "kl": "KL(teacher || method) of the first answer token of each turn, history = the teacher's answers",
@@ -198,7 +200,8 @@ def markdown(summary: dict) -> str:
 
     lines = [f"# Oracle analysis: {Path(summary['model']).name}, rate {summary['rate']:g}", "",
              f"{summary['dialogues']} dialogues of `{summary['dialogues_file']}`; oracle: {summary['oracle']['steps']} "
-             f"SGD steps, lr {summary['oracle']['lr']:g}, L_pred = {summary['oracle']['pred_loss']} + "
+             f"{summary['oracle'].get('optimizer', 'sgd').upper()} steps from a {summary['oracle'].get('init', 'random')} "
+             f"start, lr {summary['oracle']['lr']:g}, L_pred = {summary['oracle']['pred_loss']} + "
              f"{summary['oracle']['entropy_weight']:g} L_entropy (mean loss {_fmt(summary['oracle']['first_loss'], 4)}"
              f" -> {_fmt(summary['oracle']['final_loss'], 4)}; at the end L_pred {_fmt(summary['oracle']['final_pred_loss'], 4)}, "
              f"L_entropy {_fmt(summary['oracle']['final_entropy'], 4)}).", ""]

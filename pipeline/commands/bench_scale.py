@@ -12,9 +12,10 @@ figures of docs/table2_h100.md (or ``--preprocess-ms``, ``--tower-ms``, ``--step
 Both are read by the train stage's own ``CachedSource`` (through ``stages.common.FeatureReader``) and
 ``Prefetcher``; the projector of the image layout is simulated by allocating its output (``_StubProjector``).
 
-Extract is simulated with the structure of issue 18 point 2: preprocessing on ``--cpu-workers`` threads, the tower in
-batches of ``--batch-size``, shard writes on their own thread; the model actor's busy share is its simulated tower
-time over its wall time. The no-op re-run is what ``metacompress run`` does on a finished stage: ``missing_shards``
+Extract is simulated with the structure of ``stages/extract.py``: preprocessing on ``--cpu-workers`` workers, the
+tower in batches of ``--batch-size``, shard writes on their own threads; ``--engine ray-data`` runs the same work
+through Ray Data (``map_batches`` tasks into a one-actor pool, streaming) for comparison (docs/design.md §6.1). The
+model actor's busy share is its simulated tower time over its wall time. The no-op re-run is what ``metacompress run`` does on a finished stage: ``missing_shards``
 and ``finish`` on both outputs (and, for comparison, the same with ``verify``, which hashes every shard).
 """
 
@@ -118,45 +119,85 @@ def _store(root: Path, stage: str, fmt: str):
     return StageOutput(str(root / stage), stage, f"bench-{stage}", "bench", fmt)
 
 
-def _simulated_extract(args, shapes: Shapes, layout: str, timing: dict, out) -> dict:
-    """Images through CPU workers (sleep preprocess + synthetic features) -> the tower in batches (sleep) -> a
-    writer thread (real shard writes). Returns images/s and the tower's busy share."""
-    per_shard = args.images_per_shard * args.dialogues_per_image  # dialogues: teacher shards stay aligned
-    layout_json = json.dumps(_layout(shapes))
-    empty = np.zeros((0, shapes.vision_dim), np.int8 if args.quantize == "int8" else np.uint16)
-
-    # Distinct random arrays made before the clock starts (this machine's CPUs would otherwise time the random
-    # number generator); Parquet compresses each page on its own, so reusing them does not help compression.
-    pool_arrays = [_features(np.random.default_rng(i), shapes, layout) for i in range(min(args.images, 8))]
+def _feature_arrays(args, shapes: Shapes, layout: str) -> list:
+    """Distinct random arrays made before the clock starts (this machine's CPUs would otherwise time the random
+    number generator); Parquet compresses each page on its own, so reusing them does not help compression."""
+    arrays = [_features(np.random.default_rng(i), shapes, layout) for i in range(min(args.images, 8))]
     if args.quantize == "int8":  # extract.quantize: int8 with a float32 scale per token
         from pipeline.tensor_columns import quantize_int8
 
-        pool_arrays = [quantize_int8((x.astype(np.uint32) << 16).view(np.float32)) for x in pool_arrays]
+        arrays = [quantize_int8((x.astype(np.uint32) << 16).view(np.float32)) for x in arrays]
+    return arrays
 
-    def prepare(i: int) -> np.ndarray:
-        time.sleep(timing["preprocess_ms"] / 1e3)
-        return pool_arrays[i % len(pool_arrays)]
 
-    writes: queue.Queue = queue.Queue(maxsize=args.writers + 1)  # bounded: a slow store makes the tower wait
-    failure: list[BaseException] = []
+class _ShardSink:
+    """Rows of the extract stage (``stages/extract.py``'s layout) cut into shards of ``--images-per-shard`` images'
+    dialogues, written by ``--writers`` threads through a bounded queue (a slow store makes the tower wait)."""
 
-    def writer() -> None:
-        while (item := writes.get()) is not None:
+    def __init__(self, args, shapes: Shapes, layout: str, out, warm):
+        self.args, self.shapes, self.layout, self.out = args, shapes, layout, out
+        self.per_shard = args.images_per_shard * args.dialogues_per_image  # dialogues: teacher shards stay aligned
+        self.layout_json = json.dumps(_layout(shapes))
+        self.empty = np.zeros((0, shapes.vision_dim), np.int8 if args.quantize == "int8" else np.uint16)
+        self.rows, self.shard, self.failure = [], 0, []
+        out.prepare()  # as the stage's driver does before any actor starts
+        # A long run pays the store's start-up (imports, first large allocations) once; keep it off the clock.
+        scratch = _store(Path(out.root).parent / "warm-up", "scratch", out.fmt)
+        scratch.write_shard(0, [{"features": warm[0] if isinstance(warm, tuple) else warm}])
+        shutil.rmtree(scratch.root, ignore_errors=True)
+        self.writes: queue.Queue = queue.Queue(maxsize=args.writers + 1)
+        self.threads = [threading.Thread(target=self._writer, daemon=True) for _ in range(args.writers)]
+        for thread in self.threads:
+            thread.start()
+
+    def _writer(self) -> None:
+        while (item := self.writes.get()) is not None:
             try:
-                out.write_shard(*item)
-            except BaseException as err:  # noqa: BLE001 - re-raised in the caller
-                failure.append(err)
+                self.out.write_shard(*item)
+            except BaseException as err:  # noqa: BLE001 - re-raised by close()
+                self.failure.append(err)
 
-    out.prepare()  # as the stage's driver does before any actor starts
-    # A long run pays the store's start-up (imports, first large allocations) once; keep it off the clock.
-    scratch = _store(Path(out.root).parent / "warm-up", "scratch", out.fmt)
-    warm = pool_arrays[0][0] if isinstance(pool_arrays[0], tuple) else pool_arrays[0]
-    scratch.write_shard(0, [{"features": warm}])
-    shutil.rmtree(scratch.root, ignore_errors=True)
-    threads = [threading.Thread(target=writer, daemon=True) for _ in range(args.writers)]
-    for thread in threads:
-        thread.start()
-    busy, rows, shard = 0.0, [], 0
+    def add(self, image: int, x) -> None:
+        args = self.args
+        for k in range(args.dialogues_per_image):
+            row = {"dialogue_id": f"img{image}-d{k}", "image": f"img{image}", "n_tokens": self.shapes.post_tokens,
+                   "layout": self.layout_json, "features": x}
+            if self.layout == "image":  # stages/extract.py's pre-projector row
+                ref = (image * args.dialogues_per_image) // self.per_shard
+                row.update(features=x if k == 0 else self.empty, image_size=[336, 336], crops=self.shapes.crops,
+                           ref_shard=ref, post_dtype="bfloat16")
+                if args.quantize == "int8":
+                    q, scale = x
+                    row.update(features=q if k == 0 else self.empty, scale=scale if k == 0 else np.zeros(0, np.float32))
+            self.rows.append(row)
+        while len(self.rows) >= self.per_shard:
+            self.writes.put((self.shard, self.rows[:self.per_shard]))
+            self.rows, self.shard = self.rows[self.per_shard:], self.shard + 1
+
+    def close(self) -> int:
+        if self.rows:
+            self.writes.put((self.shard, self.rows))
+            self.shard += 1
+        for _ in self.threads:
+            self.writes.put(None)
+        for thread in self.threads:
+            thread.join()
+        if self.failure:
+            raise self.failure[0]
+        return self.shard
+
+
+def _simulated_extract(args, shapes: Shapes, layout: str, timing: dict, out) -> dict:
+    """The project's pool (``stages/extract.py``): images through CPU workers (sleep preprocess), the tower in batches
+    (sleep), shard writes on their own threads. Returns images/s and the tower's busy share."""
+    arrays = _feature_arrays(args, shapes, layout)
+
+    def prepare(i: int):
+        time.sleep(timing["preprocess_ms"] / 1e3)
+        return arrays[i % len(arrays)]
+
+    sink = _ShardSink(args, shapes, layout, out, arrays[0])
+    busy = 0.0
     with ThreadPoolExecutor(max_workers=args.cpu_workers) as pool:
         pending = [pool.submit(prepare, i) for i in range(min(args.images, 2 * args.cpu_workers))]
         nxt = len(pending)
@@ -172,33 +213,52 @@ def _simulated_extract(args, shapes: Shapes, layout: str, timing: dict, out) -> 
             time.sleep(timing["tower_ms"] * len(batch) / 1e3)  # the tower: no batching speed-up assumed
             busy += time.perf_counter() - t0
             for j, x in enumerate(batch):
-                image = first + j
-                for k in range(args.dialogues_per_image):
-                    row = {"dialogue_id": f"img{image}-d{k}", "image": f"img{image}", "n_tokens": shapes.post_tokens,
-                           "layout": layout_json, "features": x}
-                    if layout == "image":  # stages/extract.py's pre-projector row
-                        ref = (image * args.dialogues_per_image) // per_shard
-                        row.update(features=x if k == 0 else empty, image_size=[336, 336], crops=shapes.crops,
-                                   ref_shard=ref, post_dtype="bfloat16")
-                        if args.quantize == "int8":
-                            q, scale = x
-                            row.update(features=q if k == 0 else empty,
-                                       scale=scale if k == 0 else np.zeros(0, np.float32))
-                    rows.append(row)
-                while len(rows) >= per_shard:
-                    writes.put((shard, rows[:per_shard]))
-                    rows, shard = rows[per_shard:], shard + 1
-        if rows:
-            writes.put((shard, rows))
-            shard += 1
-        for thread in threads:
-            writes.put(None)
-        for thread in threads:
-            thread.join()
+                sink.add(first + j, x)
+        shards = sink.close()
         wall = time.perf_counter() - start
-    if failure:
-        raise failure[0]
-    return {"images_per_s": args.images / wall, "actor_busy_share": busy / wall, "shards": shard, "wall_s": wall}
+    return {"images_per_s": args.images / wall, "actor_busy_share": busy / wall, "shards": shards, "wall_s": wall}
+
+
+def _ray_data_extract(args, shapes: Shapes, layout: str, timing: dict, out) -> dict:
+    """The same work through Ray Data (the issue's anchor): ``map_batches`` of preprocessing tasks (``--cpu-workers``
+    at once, each returning an image's float32 pixel values) streaming into a one-actor pool that sleeps the tower
+    per batch of ``--batch-size``; order preserved (shards must be deterministic to resume); the driver cuts the
+    output stream into shards for the same writer threads. Busy share: the actor's tower time over the time from its
+    first batch to the last shard written."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=args.cpu_workers + 2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    arrays = _feature_arrays(args, shapes, layout)
+    pixels = (shapes.crops, 3, 336, 336)
+    prep_s, tower_s = timing["preprocess_ms"] / 1e3, timing["tower_ms"] / 1e3
+
+    def prepare(batch: dict) -> dict:
+        time.sleep(prep_s * len(batch["id"]))
+        return {"id": batch["id"], "pixels": np.zeros((len(batch["id"]), *pixels), np.float32)}
+
+    class Tower:
+        def __call__(self, batch: dict) -> dict:
+            n = len(batch["id"])
+            t0 = time.time()
+            time.sleep(tower_s * n)
+            return {"id": batch["id"], "t0": np.full(n, t0), "t1": np.full(n, time.time())}
+
+    sink = _ShardSink(args, shapes, layout, out, arrays[0])
+    ds = (ray.data.range(args.images)
+          .map_batches(prepare, batch_size=1, num_cpus=1, concurrency=args.cpu_workers)
+          .map_batches(Tower, batch_size=args.batch_size, num_cpus=1, concurrency=1))
+    spans = set()
+    for batch in ds.iter_batches(batch_size=args.batch_size, batch_format="numpy"):
+        for i, t0, t1 in zip(batch["id"], batch["t0"], batch["t1"]):
+            spans.add((float(t0), float(t1)))
+            sink.add(int(i), arrays[int(i) % len(arrays)])
+    shards = sink.close()
+    wall = time.time() - min(t0 for t0, _ in spans)
+    busy = sum(t1 - t0 for t0, t1 in spans)
+    return {"images_per_s": args.images / wall, "actor_busy_share": busy / wall, "shards": shards, "wall_s": wall}
 
 
 def _teacher(args, out) -> int:
@@ -259,7 +319,7 @@ def _train(args, shapes: Shapes, layout: str, timing: dict, features, teacher, s
             t1 = time.perf_counter()
             time.sleep(timing["step_ms"] * args.micro_batch / 1e3)
             wait, total = wait + t1 - t0, total + time.perf_counter() - t0
-        result[f"data_wait_share_{mode}"] = wait / total
+        result[f"data_wait_share_{mode}"] = wait / total if steps else float("nan")  # --train-steps 0: not run
     return result
 
 
@@ -292,7 +352,8 @@ def bench_scale(args) -> None:
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-scale-"))
     try:
         features, teacher = _store(root, "extract", args.format), _store(root, "teacher", args.format)
-        ext = _simulated_extract(args, shapes, args.layout, timing, features)
+        engine = _ray_data_extract if args.engine == "ray-data" else _simulated_extract
+        ext = engine(args, shapes, args.layout, timing, features)
         features.finish(ext["shards"])
         teacher_shards = _teacher(args, teacher)
         teacher.finish(teacher_shards)
@@ -301,12 +362,13 @@ def bench_scale(args) -> None:
         shard_rows = [s["rows"] for s in teacher.manifest()["shards"]]
         train = _train(args, shapes, args.layout, timing, features, teacher, shard_rows)
         outs, counts = [features, teacher], [ext["shards"], teacher_shards]
-        noop = _noop_rerun(outs, counts, verify=False)
+        noop = float(np.median([_noop_rerun(outs, counts, verify=False) for _ in range(5)]))  # ms: noisy alone
         noop_verify = _noop_rerun(outs, counts, verify=True)
     finally:
         if not args.keep and not args.work_dir:
             shutil.rmtree(root, ignore_errors=True)
     result = {"arch": args.arch, "layout": args.layout, "quantize": args.quantize, "images": args.images,
+              "engine": args.engine,
               "dialogues_per_image": args.dialogues_per_image, "format": args.format,
               "feature_bytes_per_image": feature_bytes / args.images,
               "teacher_bytes_per_dialogue": teacher_bytes / dialogues,
@@ -320,7 +382,7 @@ def bench_scale(args) -> None:
     print(f"{args.arch}, layout {args.layout} ({args.quantize}): {args.images} images x {args.dialogues_per_image} "
           "dialogues, "
           f"{args.format} shards of {args.images_per_shard} images; simulated preprocess {timing['preprocess_ms']} ms "
-          f"on {args.cpu_workers} CPU workers, tower {timing['tower_ms']} ms/image in batches of {args.batch_size}, "
+          f"on {args.cpu_workers} CPU workers ({args.engine}), tower {timing['tower_ms']} ms/image in batches of {args.batch_size}, "
           f"train step {timing['step_ms']:.1f} ms/dialogue x {args.micro_batch}")
     print("| measure | value |\n|---|---|")
     print(f"| stored feature bytes per image | {result['feature_bytes_per_image'] / 1e6:.3f} MB |")
@@ -331,7 +393,8 @@ def bench_scale(args) -> None:
     print(f"| train data-wait share of step time ({train['train_steps']} steps; prefetched, as the train stage) | "
           f"{result['data_wait_share']:.3f} |")
     print(f"| the same, read inside the step | {result['data_wait_share_in_step']:.3f} |")
-    print(f"| no-op re-run ({sum(counts)} shards, {(feature_bytes + teacher_bytes) / 1e9:.2f} GB) | {noop:.3f} s |")
+    print(f"| no-op re-run ({sum(counts)} shards, {(feature_bytes + teacher_bytes) / 1e9:.2f} GB; median of 5) | "
+          f"{noop:.4f} s |")
     print(f"| same with --verify (hashes every shard) | {noop_verify:.3f} s |")
     for n in SCALES:
         shards = -(-n // args.images_per_shard) * 2
@@ -356,6 +419,8 @@ def register(which) -> None:
     p.add_argument("--cpu-workers", type=int, default=4, help="preprocessing threads feeding the model actor")
     p.add_argument("--batch-size", type=int, default=16, help="images per tower call")
     p.add_argument("--writers", type=int, default=2, help="threads encoding and writing shards")
+    p.add_argument("--engine", choices=["pool", "ray-data"], default="pool",
+                   help="extract through the project's pool (as stages/extract.py) or Ray Data map_batches")
     p.add_argument("--micro-batch", type=int, default=8, help="dialogues per simulated train step")
     p.add_argument("--train-steps", type=int, default=40)
     p.add_argument("--turns", type=int, default=3)

@@ -6,6 +6,7 @@ import importlib
 import logging
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.config import ConfigError, PipelineConfig, load_config
 
 # stage -> (module, splits it runs on). Order matters: each stage reads the previous one's outputs.
@@ -41,6 +42,12 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _local_dir(config: PipelineConfig) -> str:
+    """Where files that must be local go (logs, generated data): the work_dir, or for a storage URI its local
+    directory (pipeline.storage.local_cache, docs/design.md §6.4)."""
+    return storage.local_cache(config.work_dir) if storage.is_remote(config.work_dir) else config.work_dir
+
+
 def prepare_data(config: PipelineConfig) -> None:
     """Generate MT-Shapes when the config asks for it (once: an existing set is reused)."""
     spec = config.data.mt_shapes
@@ -48,7 +55,7 @@ def prepare_data(config: PipelineConfig) -> None:
         return
     from pipeline.datasets.mt_shapes import MTShapesConfig, generate
 
-    root = Path(config.work_dir) / "data" / "mt-shapes"
+    root = Path(_local_dir(config)) / "data" / "mt-shapes"
     if not (root / "mt_shapes.json").is_file():
         cfg = MTShapesConfig(image_size=spec.image_size, aspect=None if spec.random_aspect else 1.0)
         generate(root, total=spec.dialogues, seed=spec.seed, cfg=cfg, val=spec.val, test=spec.test)
@@ -68,7 +75,7 @@ def run_stage(config: PipelineConfig, name: str, split: str, progress: bool):
         report = module.run(config, split, progress=progress)
         mlflow.log_metrics({"shards": report.shards, "computed_shards": report.computed, "records": report.records,
                             "errors": report.errors, "seconds": report.seconds})
-        mlflow.log_text(Path(report.uri, "_manifest.json").read_text(), f"{name}-{split}-manifest.json")
+        mlflow.log_text(storage.read_bytes(f"{report.uri}/_manifest.json").decode(), f"{name}-{split}-manifest.json")
     return report
 
 
@@ -148,14 +155,18 @@ def run_pipeline(config: PipelineConfig, stage_names: list[str], progress: bool 
 
     if not checked:
         preflight(config, stage_names)
-    Path(config.work_dir).mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(config.work_dir):
+        Path(config.work_dir).mkdir(parents=True, exist_ok=True)
     with Lease(config.work_dir):  # one run per work_dir (docs/design.md §8)
         closed = tracking.close_stale_runs(config)
         if closed:
             logging.getLogger("metacompress").warning(
                 "closed %d MLflow run(s) left RUNNING by a killed run on this work_dir (now KILLED)", len(closed))
         prepare_data(config)
-        config.save(Path(config.work_dir) / "resolved_config.yaml")
+        import yaml
+
+        storage.write_bytes(f"{config.work_dir}/resolved_config.yaml",
+                            yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
         started_ray = not ray.is_initialized()
         init_ray(config)
         reports = []
@@ -181,7 +192,7 @@ def print_summary(config: PipelineConfig, reports: list) -> None:
         if getattr(report, "promotion", None):
             print(f"\nRegistry ({report.split} split): {report.promotion['reason']}")
         if reports_dir and getattr(report, "split", "test") != "val":
-            print("\n" + Path(reports_dir, "results.md").read_text())
+            print("\n" + storage.read_bytes(f"{reports_dir}/results.md").decode())
             print(f"Tables and plots: {reports_dir}")
     uri = tracking.tracking_uri(config)
     if uri.startswith("sqlite:"):
@@ -202,10 +213,10 @@ def run_command(args) -> int:
     config = load_config(args.config or DEFAULT_CONFIG, overrides)
     stage_names = parse_stages(args.stages)
     preflight(config, stage_names)  # before anything is written
-    if "://" not in config.work_dir:  # everything in a log file in the work_dir; the console stays quiet
-        log_file = configure_logging(str(Path(config.work_dir) / "logs"))
-        if not verbose():
-            print(f"log: {log_file} (--verbose to see it all here)", flush=True)
+    # everything in a log file in the work_dir (a remote one's local directory); the console stays quiet
+    log_file = configure_logging(str(Path(_local_dir(config)) / "logs"))
+    if not verbose():
+        print(f"log: {log_file} (--verbose to see it all here)", flush=True)
     reports = run_pipeline(config, stage_names, checked=True)
     print_summary(config, reports)
     return 0

@@ -35,17 +35,21 @@ class EvalWorker:
         self.compressors: dict[str, object] = {}
 
     def _compressor(self, directory: str | None, method: str = "metacompress"):
+        from pipeline import storage
+
         if directory is None:
             return None
         if directory not in self.compressors:
             if method == "tprl":
                 from compress.tprl import TPRLPolicy, TPRLReducer
 
-                self.compressors[directory] = TPRLReducer(TPRLPolicy.from_pretrained(directory, self.adapter.device))
+                with storage.local_copy(directory) as local:  # any storage URI (docs/design.md §6.4)
+                    self.compressors[directory] = TPRLReducer(TPRLPolicy.from_pretrained(local, self.adapter.device))
             else:
                 from compress.metacompress import MetaCompress
 
-                self.compressors[directory] = MetaCompress.from_pretrained(directory).to(self.adapter.device).eval()
+                with storage.local_copy(directory) as local:
+                    self.compressors[directory] = MetaCompress.from_pretrained(local).to(self.adapter.device).eval()
         return self.compressors[directory]
 
     def encode_images(self, paths: list[str]) -> list:

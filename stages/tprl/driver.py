@@ -8,16 +8,17 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+from pipeline import storage
 from pipeline.config import PipelineConfig
 from pipeline.shards import StageOutput
 from stages.common import model_actor, run_sharded, shard_ranges
 from stages.outputs import TPRL as STAGE
 from stages.outputs import policy_dir, tprl_dir, trained_files_problem, write_trained_marker
 from stages.tprl.checkpoints import _save_policy_atomic, latest_checkpoint, load_checkpoint, save_checkpoint
-from stages.tprl.inputs import derived_seed, feature_args, load_records, prepared_args, trajectory_hash
-from stages.tprl.worker import TPRLWorker, _float_features
+from stages.tprl.inputs import (derived_seed, driver_features, feature_args, load_records, prepared_args,
+                               trajectory_hash)
+from stages.tprl.worker import TPRLWorker
 
 log = logging.getLogger("metacompress")
 
@@ -70,8 +71,9 @@ def _read_prepared(out: StageOutput, num_shards: int) -> dict[str, dict]:
     return rows
 
 
-def _initial_policy(config: PipelineConfig, feats: StageOutput, num_shards: int, prepared: dict[str, dict]):
-    """Autoencoder on every cached feature, then the policy cloned from the teacher -> (policy, BC losses)."""
+def _initial_policy(config: PipelineConfig, rows: list, prepared: dict[str, dict]):
+    """Autoencoder on every cached feature (``rows``: ``stages.tprl.inputs.driver_features``), then the policy cloned
+    from the teacher -> (policy, BC losses)."""
     import torch
 
     from compress.tprl import Demonstration, PolicyConfig, TPRLPolicy, behaviour_cloning, fit_autoencoder
@@ -79,15 +81,12 @@ def _initial_policy(config: PipelineConfig, feats: StageOutput, num_shards: int,
     tc = config.tprl
 
     def features():
-        for i in range(num_shards):
-            for r in feats.read_records(i):
-                yield _float_features(r)[0]
+        for _, x in rows:
+            yield x
 
     autoencoder, ae_history = fit_autoencoder(features, d_latent=tc.d_latent, d_hidden=tc.d_hidden,
                                               epochs=tc.ae_epochs, lr=tc.ae_lr, seed=tc.seed)
-    demos = [Demonstration(_float_features(r)[0], prepared[r["dialogue_id"]]["query"],
-                           prepared[r["dialogue_id"]]["teacher"])
-             for i in range(num_shards) for r in feats.read_records(i) if r["dialogue_id"] in prepared]
+    demos = [Demonstration(x, prepared[did]["query"], prepared[did]["teacher"]) for did, x in rows if did in prepared]
     torch.manual_seed(tc.seed)
     policy = TPRLPolicy(PolicyConfig(d_query=demos[0].query.shape[0], d_model=tc.d_model, n_layers=tc.n_layers,
                                      n_heads=tc.n_heads, step_discount=tc.step_discount, max_steps=tc.max_steps),
@@ -116,7 +115,7 @@ def _tasks(config: PipelineConfig, records: list[dict], prepared: dict[str, dict
             for s in range(0, len(items), size)]
 
 
-def _ppo(config: PipelineConfig, records, prepared, actors, policy, optimizer, start: int, ckpt_dir: Path,
+def _ppo(config: PipelineConfig, records, prepared, actors, policy, optimizer, start: int, ckpt_dir: str,
          meta: dict, progress: bool) -> dict:
     """PPO iterations ``start`` .. ``tprl.iterations``; returns the last iteration's metrics."""
     import mlflow
@@ -188,11 +187,11 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     prep = prepared_args(config, feats)
     traj = trajectory_hash(config, prep)
     result_hash = config_hash({"trajectory": traj, "iterations": tc.iterations})[:16]
-    marker = Path(tprl_dir(config)) / "_SUCCESS"
-    if marker.is_file() and json.loads(marker.read_text()).get("run_hash") == result_hash \
-            and Path(policy_dir(config), "model.safetensors").is_file() \
-            and not _damaged(str(marker), policy_dir(config)):
-        done = json.loads(marker.read_text())
+    marker = f"{tprl_dir(config)}/_SUCCESS"  # any storage URI (pipeline.storage, docs/design.md §6.4)
+    if storage.is_file(marker) and json.loads(storage.read_bytes(marker)).get("run_hash") == result_hash \
+            and storage.is_file(f"{policy_dir(config)}/model.safetensors") \
+            and not _damaged(marker, policy_dir(config)):
+        done = json.loads(storage.read_bytes(marker))
         return TPRLReport(STAGE, policy_dir(config), 0, time.perf_counter() - start, tc.iterations,
                           metrics=done.get("metrics", {}))
 
@@ -200,11 +199,10 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
         init_ray(config)
     records = load_records(config, split)
     ranges = shard_ranges(len(records), config.shards.dialogues_per_shard)
-    feature_out = StageOutput(**feats)
     gpus = actor_gpus(config, STAGE)
     options = {"max_new_tokens": config.evaluate.max_new_tokens, "teacher_layers": tc.teacher_layers, "b": tc.b,
                "share_of": tc.share_of}
-    ckpt_dir = Path(tprl_dir(config)) / "checkpoints" / traj
+    ckpt_dir = f"{tprl_dir(config)}/checkpoints/{traj}"
     report = TPRLReport(STAGE, policy_dir(config), 1, 0.0, tc.iterations)
     with tracking.stage_run(config, STAGE, params=tracking.flatten({"tprl": asdict(tc)})):
         import mlflow
@@ -244,7 +242,8 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
                 report.resumed_from = iteration = int(state["iteration"])
                 mlflow.set_tag("resumed_from", str(iteration))
             else:
-                policy, ae_history, bc_history = _initial_policy(config, feature_out, len(ranges), prepared)
+                rows = driver_features(config, feats, len(ranges), get_actors)
+                policy, ae_history, bc_history = _initial_policy(config, rows, prepared)
                 _log_series("ae_loss", ae_history)
                 _log_series("bc_loss", bc_history)
                 optimizer, iteration = new_optimizer(policy), 0
@@ -253,12 +252,13 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
                 report.metrics = _ppo(config, records, prepared, get_actors(), policy, optimizer, iteration, ckpt_dir,
                                       meta, progress)
             else:
-                report.metrics = json.loads((found / "state.json").read_text()).get("metrics", {})
+                report.metrics = json.loads(storage.read_bytes(f"{found}/state.json")).get("metrics", {})
         finally:  # also after a failure: the actors hold an LVLM each
             for actor in actors:
                 ray.kill(actor)
         _save_policy_atomic(policy, policy_dir(config))
-        mlflow.log_artifacts(policy_dir(config), artifact_path="tprl_policy")
+        with storage.local_copy(policy_dir(config)) as local:
+            mlflow.log_artifacts(local, artifact_path="tprl_policy")
     write_trained_marker(str(marker), policy_dir(config), {"run_hash": result_hash, "trajectory_hash": traj,
                                                            "iterations": tc.iterations, "metrics": report.metrics})
     report.seconds = time.perf_counter() - start

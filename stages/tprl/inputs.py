@@ -28,6 +28,30 @@ def feature_args(config: PipelineConfig, split: str) -> dict:
     return finished_extract_args(config, split, STAGE)
 
 
+def shard_features(reader, index: int) -> list[tuple[str, object]]:
+    """(dialogue_id, X_IMG (n, d) float32 CPU tensor) of each row of feature shard ``index``, read by a
+    ``stages.common.FeatureReader`` (which projects a pre-projector cache when it holds the model)."""
+    from stages.common import features_tensor
+
+    return [(r["dialogue_id"], features_tensor(r["features"]).float()) for r in reader.read_records(index)]
+
+
+def driver_features(config: PipelineConfig, feats: dict, num_shards: int, actors) -> list[tuple[str, object]]:
+    """``shard_features`` of every shard, for the driver's autoencoder and behaviour cloning. A pre-projector cache
+    needs the model's projector and the driver loads no LVLM (docs/design.md §6.4): the stage's actors
+    (``actors()``, started on first need) read and project it, a shard each."""
+    from stages.common import FeatureReader
+
+    if config.extract.cache == "post_projector":
+        reader = FeatureReader(feats)
+        return [row for i in range(num_shards) for row in shard_features(reader, i)]
+    import ray
+
+    pool = actors()
+    refs = [pool[i % len(pool)].shard_features.remote(i) for i in range(num_shards)]
+    return [row for ref in refs for row in ray.get(ref)]
+
+
 def prepared_args(config: PipelineConfig, feats: dict) -> dict:
     from pipeline.hashing import config_hash
 

@@ -45,6 +45,13 @@ class TPRLWorker:
         self.shards.move_to_end(index)
         return self.shards[index]
 
+    def shard_features(self, index: int) -> list:
+        """(dialogue_id, X_IMG float32) of one feature shard, projected here: for the driver's behaviour cloning
+        on a pre-projector cache (``stages.tprl.inputs.driver_features``)."""
+        from stages.tprl.inputs import shard_features
+
+        return shard_features(self.features, index)
+
     def answers(self, images: list, questions: list[str]) -> list[str]:
         """Greedy answers to one question per image; images[b] = (visual tokens (k, d), Layout), k may be 0."""
         from compress.lvlm.base import EncodedImage

@@ -1,11 +1,16 @@
 """Training data for the compressor: which dialogues a worker takes at each step, and the examples themselves.
 
-Workers own whole shards (shard ``i`` goes to worker ``i % world``), so each reads only its own part of the cache.
-Epoch ``e`` of worker ``r`` visits its shards in a permuted order and each shard's rows in a permuted order, both
-drawn from ``numpy.random.default_rng([seed, e, r])``: the order is a pure function of (seed, epoch, rank), so a
-resumed run finds its data position from the step counter alone. Every worker makes the same number of steps per
-epoch (the smallest worker's rows // micro batch; the rest of an epoch is dropped), which keeps the collectives of
-DeepSpeed in step. ``Prefetcher`` reads the next batches on a thread while the step runs, in the same order.
+The order of epoch ``e`` (docs/design.md §6.3), a pure function of (seed, epoch, rank), so a resumed run finds its
+data position from the step counter alone:
+1. the deal: ``default_rng([seed, e])`` draws an order of the shards and, shard by shard, an order of its rows; the
+   rows in that order are cut into ``world`` contiguous parts of equal size (+-1), worker ``r`` takes part ``r``:
+   every epoch deals the shards afresh, each worker still reads whole shards (but the two at its part's ends);
+2. the shuffle buffer: a worker's part is a run of shard segments; the rows of each ``window`` consecutive segments
+   are shuffled together (``default_rng([seed, e, r])``), so a batch mixes shards while at most a window of shards
+   is held in memory (``CachedSource``).
+Every worker makes the same number of steps per epoch (the smallest part // micro batch; the rest of an epoch is
+dropped), which keeps the collectives of DeepSpeed in step. ``Prefetcher`` reads the next batches on a thread while
+the step runs, in the same order.
 
 Two sources give the same :class:`Example`: ``CachedSource`` reads the extract + teacher shards; ``OnlineSource``
 runs the vision tower and the teacher (greedy multi-turn generation + top-k targets) on the fly (paper Algorithm 1).
@@ -15,6 +20,7 @@ float16), so switching modes never changes what the compressor is trained on.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -44,18 +50,19 @@ class Example:
 
 
 def rank_shards(num_shards: int, rank: int, world: int) -> list[int]:
+    """The fixed deal of the held-out passes (``validation.kl_pass``), whose order does not matter."""
     return list(range(rank, num_shards, world))
 
 
 def steps_per_epoch(shard_rows: list[int], world: int, micro: int) -> int:
-    """Steps every worker makes per epoch; raises naming the worker that gets fewer rows than one micro batch."""
-    per_rank = [sum(shard_rows[i] for i in rank_shards(len(shard_rows), r, world)) for r in range(world)]
-    steps = min(per_rank) // micro
+    """Steps every worker makes per epoch (its part of the deal holds ``sum(shard_rows) // world`` rows or one more);
+    raises when that is less than one micro batch."""
+    rows = sum(shard_rows)
+    steps = rows // world // micro
     if steps == 0:
-        worst = int(np.argmin(per_rank))
-        raise ValueError(f"train: worker {worst} of {world} gets {per_rank[worst]} dialogues ({len(shard_rows)} "
-                         f"shards in all), fewer than one micro batch of {micro}; use fewer train.num_workers, a "
-                         "smaller train.batch_size or smaller shards.dialogues_per_shard")
+        raise ValueError(f"train: each of the {world} workers gets {rows // world} of the {rows} dialogues per epoch, "
+                         f"fewer than one micro batch of {micro}; use fewer train.num_workers or a smaller "
+                         "train.batch_size")
     return steps
 
 
@@ -81,35 +88,55 @@ def heldout_plan(plan: dict | None, limit: int | None) -> dict | None:
     return {**plan, "shard_rows": rows}
 
 
-def epoch_order(shard_rows: list[int], seed: int, epoch: int, rank: int, world: int) -> list[Key]:
+def epoch_order(shard_rows: list[int], seed: int, epoch: int, rank: int, world: int, window: int = 2) -> list[Key]:
     """The (shard, row) keys worker ``rank`` visits in ``epoch`` (see the module doc)."""
+    return list(_epoch_order(tuple(shard_rows), seed, epoch, rank, world, window))
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(shard_rows: tuple[int, ...], seed: int, epoch: int, rank: int, world: int,
+                 window: int) -> tuple[Key, ...]:
+    if window < 1:
+        raise ValueError(f"train.shuffle_shards = {window}: must be >= 1 (1: rows shuffled within a shard only)")
+    rng = np.random.default_rng([seed, epoch])
+    deal = [(int(s), rng.permutation(shard_rows[s])) for s in rng.permutation(len(shard_rows))]
+    total = sum(shard_rows)
+    first, stop = rank * total // world, (rank + 1) * total // world
+    segments, start = [], 0  # this worker's part of the dealt rows, as (shard, rows) runs
+    for shard, rows in deal:
+        lo, hi = max(first - start, 0), min(stop - start, len(rows))
+        if lo < hi:
+            segments.append([(shard, int(r)) for r in rows[lo:hi]])
+        start += len(rows)
     rng = np.random.default_rng([seed, epoch, rank])
-    mine = rank_shards(len(shard_rows), rank, world)
     order: list[Key] = []
-    for s in rng.permutation(len(mine)):
-        shard = mine[int(s)]
-        order += [(shard, int(r)) for r in rng.permutation(shard_rows[shard])]
-    return order
+    for w in range(0, len(segments), window):
+        buffer = [key for segment in segments[w:w + window] for key in segment]
+        order += [buffer[int(i)] for i in rng.permutation(len(buffer))]
+    return tuple(order)
 
 
 def batch_keys(shard_rows: list[int], seed: int, step: int, rank: int, world: int, micro: int,
-               per_epoch: int) -> list[Key]:
-    """The micro batch of worker ``rank`` at global step ``step`` (0-based)."""
+               per_epoch: int, window: int = 2) -> list[Key]:
+    """The micro batch of worker ``rank`` at global step ``step`` (0-based); ``window``: ``train.shuffle_shards``."""
     epoch, position = divmod(step, per_epoch)
-    return epoch_order(shard_rows, seed, epoch, rank, world)[position * micro:(position + 1) * micro]
+    return list(_epoch_order(tuple(shard_rows), seed, epoch, rank, world, window)[position * micro:
+                                                                                    (position + 1) * micro])
 
 
 class CachedSource:
     """Examples from feature + teacher shards. ``questions``: dialogue_id -> questions (from the dialogue file:
-    the shards hold no text). Keeps the last two shards in memory (a batch can straddle shards)."""
+    the shards hold no text). Keeps the ``keep`` most recently used shards in memory (and every shard of the current
+    batch): a shuffle window of ``train.shuffle_shards`` shards (2 by default) is read once."""
 
-    def __init__(self, feature_args: dict, teacher_args: dict, questions: dict[str, list[str]], adapter=None):
+    def __init__(self, feature_args: dict, teacher_args: dict, questions: dict[str, list[str]], adapter=None,
+                 keep: int = 2):
         from pipeline.shards import StageOutput
         from stages.common import FeatureReader
 
         self.features = FeatureReader(feature_args, adapter)  # ``adapter`` projects a pre-projector cache
         self.teacher = StageOutput(**teacher_args)
-        self.questions = questions
+        self.questions, self.keep = questions, keep
         self._cache: OrderedDict[int, list[Example]] = OrderedDict()
 
     def _load(self, shard: int) -> list[Example]:
@@ -138,7 +165,7 @@ class CachedSource:
                 self._cache[shard] = self._load(shard)
             self._cache.move_to_end(shard)
         batch = [self._cache[s][r] for s, r in keys]
-        while len(self._cache) > max(2, len(needed)):
+        while len(self._cache) > max(self.keep, len(needed)):
             self._cache.popitem(last=False)
         return batch
 
@@ -228,7 +255,8 @@ def online_examples(adapter, records: list[dict], top_k: int, max_new_tokens: in
             for b, result in enumerate(session.ask([records[j]["questions"][t] for j in group])):
                 answers[b].append(result.target_ids)  # with the end-of-turn token, as the teacher cache
         forced = answer_logits_batch(ad, [encoded[j].tokens for j in group],
-                                     [records[j]["questions"] for j in group], answers)
+                                     [records[j]["questions"] for j in group], answers,
+                                     image_positions=[ad.positions_after(encoded[j].layout) for j in group])
         for j, ans, fo in zip(group, answers, forced):
             top, ids, tail = topk_targets(fo.logits, top_k)
             out[j] = Example(records[j]["dialogue_id"], encoded[j].tokens.to(storage).cpu(), encoded[j].layout,

@@ -78,7 +78,7 @@ def run_hash(config: PipelineConfig, rate: float, plan: dict) -> str:
     from pipeline.hashing import config_hash
 
     train = {k: v for k, v in config.to_dict()["train"].items()
-             if k not in ("rates", "checkpoint_every", "max_failures", "heldout_dialogues")}
+             if k not in ("rates", "checkpoint_every", "max_failures", "heldout_dialogues", "activation_checkpointing")}
     return config_hash({"train": train, "rate": rate, "data": plan["identity"]})[:16]
 
 
@@ -176,13 +176,13 @@ def _train_candidates(config: PipelineConfig, rate: float, plan: dict, heldout: 
                       tracking_run_id: str | None) -> dict:
     """Train every candidate of ``rate`` (each reused when already finished), keep the one with the lowest
     validation KL as the rate's compressor; its metrics plus every candidate's validation KL."""
-    import shutil
+    from pipeline import storage
 
     results, dirs = [], []
     for i, variant in enumerate(candidate_configs(config)):
         out = f"{rate_dir(config, rate)}/candidate-{i}"
         rhash = run_hash(variant, rate, plan)
-        marker = Path(out) / "_SUCCESS"
+        marker = f"{out}/_SUCCESS"
         done = _finished(marker, rhash, f"{out}/compressor")
         if done is None:
             t = variant.train
@@ -194,22 +194,22 @@ def _train_candidates(config: PipelineConfig, rate: float, plan: dict, heldout: 
         results.append(done["metrics"])
         dirs.append(f"{out}/compressor")
     best = choose(results)
-    target = Path(compressor_dir(config, rate))
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(dirs[best], target)
+    storage.delete(compressor_dir(config, rate))
+    storage.copy_dir(dirs[best], compressor_dir(config, rate))
     summary = {f"candidate_{i}_val_kl": r["val_kl_best"] for i, r in enumerate(results)}
     log.info("train: rate %s: candidate %d kept (validation KL %s)", rate, best,
              ", ".join(f"{v:.4f}" for v in summary.values()))
     return {**results[best], **summary, "candidate": best}
 
 
-def _finished(marker: Path, rhash: str, directory: str) -> dict | None:
+def _finished(marker: str, rhash: str, directory: str) -> dict | None:
     """The ``_SUCCESS`` record of a finished rate whose compressor is intact, or None (train it, or rebuild it from
     its last checkpoint). A compressor whose bytes changed is never reused: a warning names the file."""
+    from pipeline import storage
     from stages.outputs import trained_files_problem
 
     try:
-        done = json.loads(marker.read_text())
+        done = json.loads(storage.read_bytes(marker))
     except (FileNotFoundError, ValueError):
         return None
     if not isinstance(done, dict) or done.get("run_hash") != rhash:
@@ -217,7 +217,7 @@ def _finished(marker: Path, rhash: str, directory: str) -> dict | None:
     problem = trained_files_problem(str(marker), directory)
     if problem:
         log.warning("train: %s; recomputing it", problem)
-        marker.unlink(missing_ok=True)
+        storage.delete(marker)
         return None
     return done
 
@@ -238,7 +238,7 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     with tracking.stage_run(config, STAGE, params=tracking.flatten({"train": config.to_dict()["train"]})):
         for rate in config.train.rates:
             rhash = run_hash(config, rate, plan)
-            marker = Path(rate_dir(config, rate)) / "_SUCCESS"
+            marker = f"{rate_dir(config, rate)}/_SUCCESS"
             done = _finished(marker, rhash, compressor_dir(config, rate))
             if done is not None:
                 report.results[rate] = done["metrics"]

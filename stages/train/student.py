@@ -12,14 +12,15 @@ def _student_module():
     from torch import nn
 
     from compress.losses import collapse_loss, entropy_loss, topk_kl
-    from compress.reduction import num_keep
+    from compress.reduction import Reduction, num_keep
 
     class Student(nn.Module):
         """The compressor (trainable) and the LVLM (frozen, always in eval mode). ``forward(examples, rate,
         method)`` -> {"loss", "kl", "entropy", "collapse", "tokens"} for a batch of :class:`Example`;
         ``method="sample"`` replaces the compressor by equidistant sampling (a reference for held-out KL)."""
 
-        def __init__(self, compressor: nn.Module, adapter, entropy_weight: float, collapse_weight: float):
+        def __init__(self, compressor: nn.Module, adapter, entropy_weight: float, collapse_weight: float,
+                     activation_checkpointing: bool = False):
             super().__init__()
             self.compressor = compressor
             self.lvlm = adapter.model
@@ -27,11 +28,22 @@ def _student_module():
                 p.requires_grad_(False)
             self.adapter = adapter
             self.weights = (entropy_weight, collapse_weight)
+            self.checkpointed: list = []
+            if activation_checkpointing:  # docs/design.md §6.3
+                from transformers.modeling_layers import GradientCheckpointingLayer
+
+                adapter.language_model.activation_checkpointing_enable({"use_reentrant": False})
+                self.checkpointed = [m for m in adapter.language_model.modules()
+                                     if isinstance(m, GradientCheckpointingLayer)]
 
         def train(self, mode: bool = True):
             self.training = mode
             self.compressor.train(mode)
             self.lvlm.eval()  # frozen: no dropout, whatever DeepSpeed asks
+            # transformers recomputes a layer only while that layer is in training mode; only the layer's own flag
+            # is set, its attention and MLP stay in eval mode (no dropout)
+            for layer in self.checkpointed:
+                layer.training = mode
             return self
 
         def forward(self, examples: list, rate: float, method: str = "metacompress") -> dict:
@@ -44,12 +56,16 @@ def _student_module():
             layouts = [e.layout for e in examples]
             if method == "metacompress":
                 tokens, matrices = self.compressor(xs, keeps, layouts)
+                reductions, reducer = [Reduction(t, p) for t, p in zip(tokens, matrices)], self.compressor
             else:
-                reduced = [FEATURE_REDUCERS[method](x, m, lay) for x, m, lay in zip(xs, keeps, layouts)]
-                tokens, matrices = [r.tokens for r in reduced], []
+                reducer = FEATURE_REDUCERS[method]
+                reductions = [reducer(x, m, lay) for x, m, lay in zip(xs, keeps, layouts)]
+                tokens, matrices = [r.tokens for r in reductions], []
             tokens = [t.to(ad.dtype) for t in tokens]
+            # 3-D rotary families: the reduced tokens' positions by the rule of docs/design.md §5 (None for 1-D)
+            positions = [ad.positions_after(lay, r, reducer) for lay, r in zip(layouts, reductions)]
             outs = answer_logits_batch(ad, tokens, [e.questions for e in examples],
-                                       [e.answer_ids for e in examples])
+                                       [e.answer_ids for e in examples], image_positions=positions)
             for e, o in zip(examples, outs):
                 if o.logits.shape[0] != e.topk_ids.shape[0]:
                     raise ValueError(f"dialogue {e.dialogue_id!r}: {o.logits.shape[0]} answer tokens in the student "
@@ -143,14 +159,13 @@ def build_student(adapter, train_cfg, seed: int):
         raise ValueError("train.generator 'auto' must be resolved on the data first (stages.train.student."
                          "resolve_generator, as the train stage's worker does); or set 'paper' or 'normed'")
 
-    vc = adapter.model.config.vision_config
-    side = vc.image_size // vc.patch_size  # the position table at the vision tower's own grid (24 x 24 for 336 px)
     torch.manual_seed(seed)
     compressor = _tensor_output_class()(adapter.text_config.hidden_size, train_cfg.compress_dim,
-                                         train_cfg.kernel_size, reference_grid=(side, side),
+                                         train_cfg.kernel_size, reference_grid=adapter.reference_grid,
                                          generator=train_cfg.generator,
                                          temperature=train_cfg.temperature).to(
         adapter.device, getattr(torch, train_cfg.compressor_dtype))
-    return _student_module()(compressor, adapter, train_cfg.entropy_weight, train_cfg.collapse_weight)
+    return _student_module()(compressor, adapter, train_cfg.entropy_weight, train_cfg.collapse_weight,
+                             train_cfg.activation_checkpointing)
 
 

@@ -48,12 +48,16 @@ def kl_pass(engine, plan: dict, source, rate: float, rank: int, world: int, micr
 @dataclass
 class EarlyStopping:
     """The best validation KL so far, the step it was reached at, and how many validations since then did not
-    improve on it. ``patience`` 0 never stops (the best weights are still the ones kept)."""
+    improve on it. ``patience`` 0 never stops (the best weights are still the ones kept). Each validation without a
+    new best also multiplies ``lr_scale`` by ``decay`` (1: the learning rate never changes), as torch's
+    ReduceLROnPlateau with patience 0 does."""
 
     patience: int = 0
     best_kl: float = float("inf")
     best_step: int = 0
     stale: int = 0
+    decay: float = 1.0
+    lr_scale: float = 1.0
 
     def update(self, kl: float, step: int) -> bool:
         """Record one validation; True when it is a new best (strictly lower KL)."""
@@ -61,6 +65,7 @@ class EarlyStopping:
             self.best_kl, self.best_step, self.stale = kl, step, 0
             return True
         self.stale += 1
+        self.lr_scale *= self.decay
         return False
 
     @property
@@ -68,13 +73,20 @@ class EarlyStopping:
         return self.patience > 0 and self.stale >= self.patience
 
     def to_dict(self) -> dict:
-        return {"best_kl": self.best_kl, "best_step": self.best_step, "stale": self.stale}
+        return {"best_kl": self.best_kl, "best_step": self.best_step, "stale": self.stale, "lr_scale": self.lr_scale}
 
     @classmethod
-    def from_dict(cls, patience: int, saved: dict | None) -> "EarlyStopping":
+    def from_dict(cls, patience: int, saved: dict | None, decay: float = 1.0) -> "EarlyStopping":
         saved = saved or {}
         return cls(patience, float(saved.get("best_kl", float("inf"))), int(saved.get("best_step", 0)),
-                   int(saved.get("stale", 0)))
+                   int(saved.get("stale", 0)), decay, float(saved.get("lr_scale", 1.0)))
+
+
+def set_lr(engine, lr: float) -> None:
+    """Set the learning rate of every parameter group of the engine's optimizer (ZeRO's wrappers share the client
+    optimizer's groups)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
 
 
 def load_weights(module, state: dict) -> None:

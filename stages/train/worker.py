@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from stages.train.student import build_student
-from stages.train.validation import EarlyStopping, kl_pass, load_weights
+from stages.train.validation import EarlyStopping, kl_pass, load_weights, set_lr
 
 
-def _make_source(plan: dict, adapter):
+def _make_source(plan: dict, adapter, keep: int = 2):
+    """``keep``: shards held decoded at once (the loader's shuffle window, train.shuffle_shards)."""
     from stages.train.data import CachedSource, OnlineSource
 
     if plan["kind"] == "cached":
-        return CachedSource(plan["feature_args"], plan["teacher_args"], plan["questions"], adapter)
+        return CachedSource(plan["feature_args"], plan["teacher_args"], plan["questions"], adapter, keep=keep)
     return OnlineSource(adapter, plan["shards"], plan["top_k"], plan["max_new_tokens"], plan["storage_dtype"])
 
 
@@ -46,15 +46,14 @@ class _MetricLog:
 
 def train_loop(cfg: dict) -> None:
     """Per worker (Ray Train). ``cfg``: see ``_loop_config``."""
+    import math
     import tempfile
 
     import ray.train
     import torch
     import torch.distributed as dist
 
-    from compress.lvlm import load_adapter
-    from compress.metacompress import MetaCompress
-    from infra.deepspeed import full_fp32_state, initialize, micro_batch_size
+    from infra.deepspeed import batch_split, full_fp32_state, initialize
     from pipeline.config import TrainConfig
     from pipeline.env import apply_defaults
     from stages.train.data import batch_keys, planned_epochs, steps_per_epoch
@@ -69,17 +68,18 @@ def train_loop(cfg: dict) -> None:
     if on_gpu:
         torch.cuda.set_device(device)
     dtype = getattr(torch, cfg["model_dtype"])  # on every device: evaluate runs the LVLM so (docs/design.md §6.3)
-    adapter = load_adapter(cfg["model_path"], device=device, dtype=dtype)
+    adapter, _zero3_live = _load_lvlm(cfg["model_path"], device, dtype, tc, world, on_gpu)
+    lvlm_bytes = local_parameter_bytes(adapter.model)  # as loaded, before DeepSpeed's engine exists
     auto_share = None
     if tc.generator == "auto":  # decided on the first batch of every rank, averaged: the same on all of them
         import dataclasses
 
         from stages.train.student import initial_entropy_share, resolve_generator
 
-        micro0 = micro_batch_size(tc, world)
+        micro0 = math.prod(batch_split(tc, world))  # the first optimizer step's rows
         per_epoch0 = steps_per_epoch(cfg["plan"]["shard_rows"], world, micro0)
         first = _make_source(cfg["plan"], adapter).examples(
-            batch_keys(cfg["plan"]["shard_rows"], tc.seed, 0, rank, world, micro0, per_epoch0))
+            batch_keys(cfg["plan"]["shard_rows"], tc.seed, 0, rank, world, micro0, per_epoch0, tc.shuffle_shards))
         share = torch.tensor([initial_entropy_share(adapter.text_config.hidden_size, tc, tc.seed,
                                                     [e.features for e in first], [e.layout for e in first],
                                                     cfg["rate"])], dtype=torch.float64)
@@ -89,9 +89,10 @@ def train_loop(cfg: dict) -> None:
     student = build_student(adapter, tc, tc.seed)
     # ZeRO-3: vectors (norms, biases, omega) stay whole on every worker, matrices are partitioned.
     engine = initialize(student, tc, world, on_gpu, persist_numel=4 * adapter.text_config.hidden_size)
-    micro = micro_batch_size(tc, world)
+    micro, accumulation = batch_split(tc, world)
+    rows = micro * accumulation  # a worker's rows per optimizer step: the data order of micro batch `rows`
     plan, rate = cfg["plan"], cfg["rate"]
-    per_epoch = steps_per_epoch(plan["shard_rows"], world, micro)
+    per_epoch = steps_per_epoch(plan["shard_rows"], world, rows)
     total = per_epoch * planned_epochs(per_epoch, tc.epochs, tc.min_steps)
 
     step, last = 0, {}
@@ -102,11 +103,12 @@ def train_loop(cfg: dict) -> None:
     step, last, extra = checkpoints.resume(ray.train.get_checkpoint(), engine, student.compressor, rank, world,
                                            cfg["run_hash"])
     validation = cfg.get("validation") if tc.validate_every > 0 else None
-    stopping = EarlyStopping.from_dict(tc.patience, extra.get("early_stopping"))
+    stopping = EarlyStopping.from_dict(tc.patience, extra.get("early_stopping"), tc.lr_decay_on_plateau)
     best_dir = f"{cfg['compressor_dir']}.best"
     best_state = _read_best(best_dir, extra.get("best_sha256")) if validation and stopping.best_step else None
     if validation and stopping.best_step and best_state is None:  # its file is gone or changed: start the search over
-        stopping = EarlyStopping(tc.patience)
+        stopping = EarlyStopping(tc.patience, decay=tc.lr_decay_on_plateau)
+    set_lr(engine, tc.lr * stopping.lr_scale)  # a resumed run goes on at the rate it had reached
 
     def save_and_report(metrics: dict) -> None:
         # Every rank writes its own files; Ray merges the ranks' files into one checkpoint directory.
@@ -116,29 +118,28 @@ def train_loop(cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     best_sha = extra.get("best_sha256") if best_state is not None else None
-    source = _make_source(plan, adapter)
+    source = _make_source(plan, adapter, max(2, tc.shuffle_shards))
     val_source = _make_source(validation, adapter) if validation else None
     metrics_log = _MetricLog(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else _MetricLog(None, None)
     crash_after = cfg.get("crash_after_step")
     setup_seconds, first_step = time.perf_counter() - started, step
     curve: list[dict] = []  # this attempt's steps, saved beside the compressor (analyze compressor plots them)
     engine.train()
-    batches = _batches(source, plan, lambda s: batch_keys(plan["shard_rows"], tc.seed, s, rank, world, micro,
-                                                          per_epoch), step, total, tc.zero_stage)
+    batches = _batches(source, plan, lambda s: batch_keys(plan["shard_rows"], tc.seed, s, rank, world, rows,
+                                                          per_epoch, tc.shuffle_shards), step, total, tc.zero_stage)
     while step < total and not (validation and stopping.stop):  # a resumed run that had stopped stays stopped
         t0 = time.perf_counter()
-        out = engine(batches(step), rate)
-        engine.backward(out["loss"])
-        engine.step()
+        out = accumulate(engine, batches(step), micro, rate)
         step += 1
         seconds = time.perf_counter() - t0
-        last = {"loss": out["loss"].item(), "kl": out["kl"].item(), "entropy": out["entropy"].item(),
-                "collapse": out["collapse"].item(), "lr": engine.get_lr()[0], "step_seconds": seconds,
-                "dialogues_per_second": micro * world / seconds, "epoch": (step - 1) // per_epoch}
+        last = {**out, "lr": engine.get_lr()[0], "step_seconds": seconds,
+                "dialogues_per_second": rows * world / seconds, "epoch": (step - 1) // per_epoch}
         if validation and (step % tc.validate_every == 0 or step == total):
             # Early stopping on the validation split (docs/design.md §4.2): every rank gets the same all-reduced KL.
             last["val_kl"] = kl_pass(engine, validation, val_source, rate, rank, world, micro)["metacompress"]
-            if stopping.update(last["val_kl"], step):
+            improved = stopping.update(last["val_kl"], step)
+            set_lr(engine, tc.lr * stopping.lr_scale)
+            if improved:
                 best_state = full_fp32_state(student.compressor)  # a collective under ZeRO
                 best_sha = _broadcast_text(_write_best(student.compressor.config, best_state, tc.compressor_dtype,
                                                        best_dir) if rank == 0 else None, rank)
@@ -177,6 +178,8 @@ def train_loop(cfg: dict) -> None:
               "setup_seconds": setup_seconds, "train_seconds": train_seconds,
               "steps_per_second": (step - first_step) / train_seconds if step > first_step else 0.0,
               "peak_memory_bytes_per_worker": float(peak),
+              # the frozen LVLM's parameter bytes on one worker as loaded (ZeRO-3: its partitions) and in all
+              "lvlm_param_bytes_per_worker": float(lvlm_bytes[0]), "lvlm_param_bytes": float(lvlm_bytes[1]),
               "frozen_params_partitioned": sum(1 for p in student.lvlm.parameters()
                                                if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False))}
     if cfg.get("heldout"):
@@ -188,6 +191,57 @@ def train_loop(cfg: dict) -> None:
     metrics_log.flush()
     # Ray Train keeps the metrics of the latest checkpoint as the result: the final report carries one.
     save_and_report(result)
+
+
+def accumulate(engine, examples: list, micro: int, rate: float) -> dict:
+    """One optimizer step over a worker's ``examples``: ``len(examples) / micro`` forward/backward passes of ``micro``
+    dialogues, DeepSpeed's gradient accumulation (its engine divides each loss by the count and steps the optimizer
+    on the last); the mean of their loss terms."""
+    sums: dict = {}
+    chunks = [examples[i:i + micro] for i in range(0, len(examples), micro)]
+    for chunk in chunks:
+        out = engine(chunk, rate)
+        engine.backward(out["loss"])
+        engine.step()
+        for key in ("loss", "kl", "entropy", "collapse"):
+            sums[key] = sums.get(key, 0.0) + out[key].item() / len(chunks)
+    return sums
+
+
+def _load_lvlm(model_path: str, device: str, dtype, tc, world: int, on_gpu: bool):
+    """(adapter, the live ZeRO-3 config or None). Under ZeRO-3 the frozen LVLM is partitioned as it loads
+    (docs/design.md §6.3): with transformers' ``HfDeepSpeedConfig`` alive, ``from_pretrained`` builds every parameter
+    inside ``deepspeed.zero.Init`` and copies each checkpoint tensor into its partitions, so no worker holds the
+    whole model; the engine later adopts those parameters as they are. transformers keeps only a weak reference to
+    the config: the caller holds it for the worker's life."""
+    from compress.lvlm import load_adapter
+
+    if tc.zero_stage != 3:
+        return load_adapter(model_path, device=device, dtype=dtype), None
+    import deepspeed
+    from transformers import AutoConfig
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from infra.deepspeed import zero3_init_config
+    from pipeline.env import disable_deepspeed_shm_build
+
+    disable_deepspeed_shm_build()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    hidden = AutoConfig.from_pretrained(model_path).get_text_config().hidden_size
+    live = HfDeepSpeedConfig(zero3_init_config(tc, world, dtype, persist_numel=4 * hidden))
+    return load_adapter(model_path, device=device, dtype=dtype), live
+
+
+def local_parameter_bytes(module) -> tuple[int, int]:
+    """(bytes of ``module``'s parameters held by this process, bytes of all of them): under ZeRO-3 a partitioned
+    parameter holds its partition ``ds_tensor`` (its full size is ``ds_numel``), any other its whole tensor."""
+    local = full = 0
+    for p in module.parameters():
+        part = getattr(p, "ds_tensor", None)
+        size = p.element_size() if part is None else part.element_size()
+        local += (p.numel() if part is None else part.numel()) * size
+        full += getattr(p, "ds_numel", p.numel()) * size
+    return local, full
 
 
 def _batches(source, plan: dict, keys_of, start: int, stop: int, zero_stage: int):
@@ -233,39 +287,39 @@ def _write_curve(curve: list[dict], directory: str) -> None:
     """``train_log.jsonl``: one JSON object per step of this attempt (steps before a resume live in MLflow)."""
     import json
 
-    with open(Path(directory) / "train_log.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in curve)
+    from pipeline import storage
+
+    storage.write_bytes(f"{directory}/train_log.jsonl", "".join(json.dumps(row) + "\n" for row in curve).encode())
 
 
 def _save_atomic(module, directory: str) -> None:
-    import shutil
+    from pipeline import storage
 
-    target = Path(directory)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    module.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with storage.staged_dir(directory) as tmp:  # any storage URI (docs/design.md §6.4)
+        module.save_pretrained(tmp)
 
 
 def _write_best(config: dict, state: dict, compute_dtype: str, directory: str) -> str:
     """The best weights so far, saved as the final compressor would be (for a resumed run); their sha256."""
-    from pipeline.hashing import file_sha256
+    from pipeline.storage import file_sha256
 
     _save_atomic(final_compressor(config, state, compute_dtype), directory)
-    return file_sha256(str(Path(directory) / "model.safetensors"))
+    return file_sha256(f"{directory}/model.safetensors")
 
 
 def _read_best(directory: str, sha256: str | None) -> dict | None:
     """The best weights a resumed run recorded, or None when their file is missing or not the one recorded."""
-    from safetensors.torch import load_file
+    import hashlib
 
-    from pipeline.hashing import file_sha256
+    from safetensors.torch import load
 
-    path = Path(directory) / "model.safetensors"
-    if not sha256 or not path.is_file() or file_sha256(str(path)) != sha256:
+    from pipeline import storage
+
+    path = f"{directory}/model.safetensors"
+    data = storage.read_bytes(path) if sha256 and storage.is_file(path) else b""
+    if not data or hashlib.sha256(data).hexdigest() != sha256:
         return None
-    return load_file(str(path))
+    return load(data)
 
 
 def _broadcast_text(text: str | None, rank: int) -> str | None:

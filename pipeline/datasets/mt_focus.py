@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # _draw_object: the same shapes as MT-Shapes (a FocusObject has its cx, cy, radius and shape)
-from pipeline.datasets.mt_shapes import (COLORS, DEFAULT_ASPECTS, SHAPES, SIZES, SPLITS, _draw_object, image_shape,
-                                         split_counts)
+from pipeline.datasets.mt_shapes import (COLORS, DEFAULT_ASPECTS, SHAPES, SIZES, SPLITS, _draw_object, generate_splits,
+                                         image_shape)
 from pipeline.dialogues import Dialogue, Turn, write_dialogues
 
 RADIUS = {"small": 6.0, "large": 11.0}  # pixels at a 96 x 96 image; scaled with sqrt(image area)
@@ -214,12 +214,7 @@ def generate_split(out_dir: str | os.PathLike, split: str, count: int, seed: int
 def generate(out_dir: str | os.PathLike, total: int, seed: int, cfg: MTFocusConfig = MTFocusConfig(),
              val: int | None = None, test: int | None = None, turns: int = 3) -> dict[str, int]:
     """All three splits under ``out_dir``. Returns the number of dialogues per split."""
-    counts = split_counts(total, val, test)
-    for split, n in counts.items():
-        generate_split(out_dir, split, n, seed, cfg, turns)
-    info = {"seed": seed, "turns": turns, "counts": counts, "config": asdict(cfg)}
-    Path(out_dir, "mt_focus.json").write_text(json.dumps(info, indent=1) + "\n")
-    return counts
+    return generate_splits(out_dir, "mt_focus.json", generate_split, total, seed, cfg, val, test, turns)
 
 
 def load_scenes(path: str | os.PathLike) -> dict[str, FocusScene]:

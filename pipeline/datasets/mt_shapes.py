@@ -402,16 +402,23 @@ def split_counts(total: int, val: int | None = None, test: int | None = None) ->
     return {"train": total - val - test, "val": val, "test": test}
 
 
+def generate_splits(out_dir: str | os.PathLike, info_file: str, generate_split, total: int, seed: int, cfg,
+                    val: int | None, test: int | None, turns: int, *extra) -> dict[str, int]:
+    """The three splits of a synthetic benchmark (``generate_split(out_dir, split, n, seed, cfg, turns, *extra)``)
+    and ``out_dir/info_file`` recording how they were made. Returns the number of dialogues per split."""
+    counts = split_counts(total, val, test)
+    for split, n in counts.items():
+        generate_split(out_dir, split, n, seed, cfg, turns, *extra)
+    info = {"seed": seed, "turns": turns, "counts": counts, "config": asdict(cfg)}
+    Path(out_dir, info_file).write_text(json.dumps(info, indent=1) + "\n")
+    return counts
+
+
 def generate(out_dir: str | os.PathLike, total: int, seed: int, cfg: MTShapesConfig = MTShapesConfig(),
              val: int | None = None, test: int | None = None, turns: int = 3,
              progress: bool = True) -> dict[str, int]:
     """All three splits under ``out_dir``. Returns the number of dialogues per split."""
-    counts = split_counts(total, val, test)
-    for split, n in counts.items():
-        generate_split(out_dir, split, n, seed, cfg, turns, progress)
-    info = {"seed": seed, "turns": turns, "counts": counts, "config": asdict(cfg)}
-    Path(out_dir, "mt_shapes.json").write_text(json.dumps(info, indent=1) + "\n")
-    return counts
+    return generate_splits(out_dir, "mt_shapes.json", generate_split, total, seed, cfg, val, test, turns, progress)
 
 
 def load_scenes(path: str | os.PathLike) -> dict[str, Scene]:

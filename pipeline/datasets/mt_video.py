@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.datasets.mt_shapes import (COLORS, SHAPES, SIZES, SPLITS, ShapeObject, _draw_object, image_shape,
-                                         split_counts)
+from pipeline.datasets.mt_shapes import (COLORS, SHAPES, SIZES, SPLITS, ShapeObject, _draw_object, generate_splits,
+                                         image_shape)
 from pipeline.dialogues import Dialogue, Turn, write_dialogues
 
 EVENTS = ("move", "appear", "change")
@@ -225,9 +225,4 @@ def generate_split(out_dir: str | os.PathLike, split: str, count: int, seed: int
 def generate(out_dir: str | os.PathLike, total: int, seed: int, cfg: MTVideoConfig = MTVideoConfig(),
              val: int | None = None, test: int | None = None, turns: int = 3) -> dict[str, int]:
     """All three splits under ``out_dir``. Returns the number of dialogues per split."""
-    counts = split_counts(total, val, test)
-    for split, n in counts.items():
-        generate_split(out_dir, split, n, seed, cfg, turns)
-    info = {"seed": seed, "turns": turns, "counts": counts, "config": asdict(cfg)}
-    Path(out_dir, "mt_video.json").write_text(json.dumps(info, indent=1) + "\n")
-    return counts
+    return generate_splits(out_dir, "mt_video.json", generate_split, total, seed, cfg, val, test, turns)

@@ -99,12 +99,12 @@ def hand_offsets(h: int, w: int, keep: list[int] | None = None) -> list[tuple[in
     return cells if keep is None else [cells[i] for i in keep]
 
 
-def reference_positions(ids: list[int], offsets: list, span: int) -> torch.Tensor:
-    """A plain loop: a text token at (p, p, p), p counting on; the image block starting at p = s puts visual token j
-    at s + offsets[j] and the text after it at s + span. -> (3, 1, L)"""
+def reference_positions(ids: list[int], offsets: list, span: int, visual_id: int = IMAGE_ID) -> torch.Tensor:
+    """A plain loop: a text token at (p, p, p), p counting on; the image (or video: ``visual_id``) block starting at
+    p = s puts visual token j at s + offsets[j] and the text after it at s + span. -> (3, 1, L)"""
     out, p, j = [], 0, 0
     for i in ids:
-        if i == IMAGE_ID:
+        if i == visual_id:
             out.append([p + o for o in offsets[j]])
             j += 1
             if j == len(offsets):

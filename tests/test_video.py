@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 av = pytest.importorskip("av")
 
-from test_qwen2_5_vl import (IMAGE_ID, QUESTIONS, TEMPLATE, reference_logits, tiny_processor,  # noqa: E402
-                             tiny_qwen, tiny_qwen2, tiny_tokenizer)
+from test_qwen2_5_vl import (IMAGE_ID, QUESTIONS, TEMPLATE, reference_logits, reference_positions,  # noqa: E402
+                             tiny_processor, tiny_qwen, tiny_qwen2, tiny_tokenizer)
 
 from compress.reduction import Reduction  # noqa: E402
 
@@ -192,23 +192,8 @@ def test_reduced_video_tokens_keep_their_t_h_w(name, video_qwen):
     second = session.ask(QUESTIONS[1])
     full = segs[0] + answer + segs[1]
     ref = reference_logits(video_qwen, [IMAGE_ID if i == VIDEO_ID else i for i in full], tokens,
-                           video_reference_positions(full, positions, 5))
+                           reference_positions(full, positions, 5, VIDEO_ID))
     assert torch.allclose(second.first_logits, ref, atol=ATOL)
-
-
-def video_reference_positions(ids, offsets, span):
-    """A plain loop as in the image tests, over the video placeholder."""
-    out, p, j = [], 0, 0
-    for i in ids:
-        if i == VIDEO_ID:
-            out.append([p + o for o in offsets[j]])
-            j += 1
-            if j == len(offsets):
-                p += span
-        else:
-            out.append([p, p, p])
-            p += 1
-    return torch.tensor(out).T[:, None]
 
 
 def test_fastv_runs_over_video_tokens(video_qwen):

@@ -31,13 +31,18 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
-def file_sha256(path: str) -> str:
-    """sha256 of a local file, read in 1 MiB blocks."""
+def stream_sha256(f) -> str:
+    """sha256 of a binary stream's remaining bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local file (``pipeline.storage.file_sha256``: of a file on any storage URI)."""
+    with open(path, "rb") as f:
+        return stream_sha256(f)
 
 
 def files_sha256(directory: str, names: list[str] | None = None) -> dict[str, str]:

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from pipeline.hashing import canonical_json
 from pipeline.shard_formats import _decode, _encode, _iter_tar
+from pipeline.storage import resolve
 from pipeline.tensor_columns import records_to_table, table_to_records
 
 log = logging.getLogger(__name__)
@@ -57,22 +58,11 @@ class CorruptShard(ValueError):
     """A shard is missing, truncated or altered (its bytes do not match its sidecar)."""
 
 
-def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path, ``file://``, ``s3://``, ``gs://`` ... URI.
-    Local files are memory-mapped on read, so Arrow IPC shards are read without copies."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(use_mmap=True), os.path.abspath(uri)
-    fs, path = pafs.FileSystem.from_uri(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs = pafs.LocalFileSystem(use_mmap=True)
-    return fs, path
-
-
 def iter_webdataset(uris: Iterable[str], filesystem: pafs.FileSystem | None = None) -> Iterator[dict]:
     """Stream the records of WebDataset tar shards in order (validate first with ``StageOutput.missing_shards``).
     Each record: ``__key__``, the plain fields, tensors as numpy arrays (lists for per-turn fields)."""
     for uri in uris:
-        fs, path = (filesystem, uri) if filesystem is not None else resolve_uri(uri)
+        fs, path = (filesystem, uri) if filesystem is not None else resolve(uri)
         with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for rec in _iter_tar(tar):
                 rec.pop("__tensors__")
@@ -91,7 +81,7 @@ class StageOutput:
             raise ValueError(f"unknown shard format {fmt!r} for stage {stage}; choose one of {sorted(FORMATS)}")
         self.uri, self.stage, self.config_hash, self.input_hash, self.fmt = uri, stage, config_hash, input_hash, fmt
         self.verify = verify  # default of missing_shards / finish: also hash every shard's bytes
-        self.fs, self.root = (filesystem, uri.rstrip("/")) if filesystem is not None else resolve_uri(uri)
+        self.fs, self.root = (filesystem, uri.rstrip("/")) if filesystem is not None else resolve(uri)
         self._config_checked = False
 
     # names
@@ -349,7 +339,7 @@ class StageOutput:
 
 def read_completed(uri: str, filesystem: pafs.FileSystem | None = None) -> dict:
     """The manifest of a finished stage output (its ``config_hash`` is the next stage's ``input_hash``)."""
-    fs, root = (filesystem, uri.rstrip("/")) if filesystem is not None else resolve_uri(uri)
+    fs, root = (filesystem, uri.rstrip("/")) if filesystem is not None else resolve(uri)
     try:
         with fs.open_input_stream(f"{root}/_SUCCESS") as f:
             success = json.loads(f.read())

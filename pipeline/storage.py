@@ -18,6 +18,8 @@ from typing import Iterator
 
 import pyarrow.fs as pafs
 
+from pipeline.hashing import stream_sha256
+
 
 def is_remote(uri: str) -> bool:
     """True for a URI that is not a local path (``file://`` counts as local)."""
@@ -25,11 +27,15 @@ def is_remote(uri: str) -> bool:
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it); local paths are made absolute."""
+    """(filesystem, path inside it) for a local path, ``file://``, ``s3://``, ``gs://`` ... URI; local paths are made
+    absolute. Local files are memory-mapped on read, so Arrow IPC shards are read without copies."""
     uri = str(uri)
     if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
+        return pafs.LocalFileSystem(use_mmap=True), os.path.abspath(uri)
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs = pafs.LocalFileSystem(use_mmap=True)
+    return fs, path
 
 
 def join(uri: str, *parts: str) -> str:
@@ -102,11 +108,8 @@ def file_sha256(uri: str) -> str:
 
 
 def _sha256(fs: pafs.FileSystem, path: str) -> str:
-    digest = hashlib.sha256()
     with fs.open_input_stream(path) as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return stream_sha256(f)
 
 
 def copy_dir(src: str, dst: str) -> None:

@@ -39,6 +39,32 @@ class MTShapesSpec:
 
 
 @dataclass
+class MTVideoSpec:
+    """Generate MT-Video into ``<work_dir>/data/mt-video`` (once) and use its splits as data.train/val/test."""
+
+    dialogues: int = 1200  # all splits together
+    val: int = 50
+    test: int = 100
+    seed: int = 0
+    image_size: int = 96
+    frames: int = 8  # frames per video file
+    fps: int = 4  # of the file
+
+
+@dataclass
+class VideoSampling:
+    """Which frames of a video file the model sees (docs/design.md §5, video), as transformers' Qwen2.5-VL video
+    processor takes them: exactly one of ``num_frames`` (spread uniformly, first and last included) and ``fps`` (one
+    frame every 1 / fps seconds)."""
+
+    num_frames: int | None = None
+    fps: float | None = None
+
+
+DEFAULT_VIDEO_SAMPLING = {"num_frames": 8, "fps": None}  # data.video unset
+
+
+@dataclass
 class DataConfig:
     train: str = "data/train/dialogues.jsonl"
     val: str = "data/val/dialogues.jsonl"
@@ -46,6 +72,14 @@ class DataConfig:
     max_train_dialogues: int | None = None
     max_eval_dialogues: int | None = None
     mt_shapes: MTShapesSpec | None = None
+    mt_video: MTVideoSpec | None = None
+    video: VideoSampling | None = None  # frame sampling of video dialogues (null: 8 frames, uniformly)
+
+    def video_sampling(self) -> dict:
+        """{"num_frames", "fps"} for ``compress.lvlm.video.video_adapter``."""
+        if self.video is None:
+            return dict(DEFAULT_VIDEO_SAMPLING)
+        return {"num_frames": self.video.num_frames, "fps": self.video.fps}
 
 
 @dataclass
@@ -404,6 +438,33 @@ def _range_checks(c: PipelineConfig) -> list[tuple[bool, str]]:
              f"data.mt_shapes: dialogues ({m.dialogues}) must be larger than val + test ({m.val} + {m.test}), and val "
              ">= 1 (the registry promotes on the validation split)"),
             (m.image_size >= 8, f"data.mt_shapes.image_size = {m.image_size}: must be >= 8 pixels"),
+        ]
+    checks += _video_checks(d)
+    return checks
+
+
+def _video_checks(d: DataConfig) -> list[tuple[bool, str]]:
+    checks = []
+    if d.video is not None:
+        v = d.video
+        checks += [
+            ((v.num_frames is None) != (v.fps is None),
+             f"data.video: give exactly one of num_frames and fps, got num_frames = {v.num_frames}, fps = {v.fps} "
+             "(e.g. data.video: {num_frames: 8})"),
+            (v.num_frames is None or v.num_frames >= 1, f"data.video.num_frames = {v.num_frames}: must be >= 1"),
+            (v.fps is None or v.fps > 0, f"data.video.fps = {v.fps}: must be > 0 frames per second"),
+        ]
+    if d.mt_video is not None:
+        m = d.mt_video
+        checks += [
+            (d.mt_shapes is None, "data.mt_shapes and data.mt_video are both set; a run uses one dataset: keep one"),
+            (m.dialogues >= 1 and m.val >= 1 and m.test >= 0 and m.val + m.test < m.dialogues,
+             f"data.mt_video: dialogues ({m.dialogues}) must be larger than val + test ({m.val} + {m.test}), and val "
+             ">= 1 (the registry promotes on the validation split)"),
+            (m.image_size >= 48, f"data.mt_video.image_size = {m.image_size}: must be >= 48 pixels (three objects "
+             "per frame)"),
+            (4 <= m.frames <= 64, f"data.mt_video.frames = {m.frames}: must be in 4..64"),
+            (m.fps >= 1, f"data.mt_video.fps = {m.fps}: must be >= 1"),
         ]
     return checks
 

@@ -3,6 +3,7 @@ shards and the driver loop over a pool of Ray actors (docs/design.md §6)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -37,18 +38,100 @@ def load_split(config: PipelineConfig, split: str, limit: int | None) -> tuple[l
     path = getattr(config.data, split)
     bad: list[list[str]] = []
     records: list[dict] = []
+    lines = dialogue_kinds(path).lines
     for d in iter_dialogues(path, check_images=False,
                             on_error=lambda e: bad.append([e.dialogue_id or f"{e.path}:{e.line}",
                                                              f"{e.path}:{e.line}: {e.reason}"])):
-        if d.kind == "video":  # the video path exists in compress/lvlm/video.py, the stages do not drive it yet
-            bad.append([d.dialogue_id, f"{path}: dialogue {d.dialogue_id!r} has a video; the stages run image "
-                                       "dialogues only (docs/design.md §5, video)"])
-            continue
         records.append({"dialogue_id": d.dialogue_id, "image": str(d.image), "source": d.source,
-                        "questions": [t.question for t in d.turns], "answers": [list(t.answers) for t in d.turns]})
+                        "questions": [t.question for t in d.turns], "answers": [list(t.answers) for t in d.turns],
+                        "where": f"{path}:{lines.get(d.dialogue_id, '?')}"})
         if limit is not None and len(records) >= limit:
             break
     return records, bad
+
+
+# --- video dialogues (docs/design.md §5, video) ----------------------------------------------------------------------
+VIDEO_FAMILIES = ("qwen2_5_vl", "qwen2_vl")  # the families with a video path (compress.lvlm.video)
+
+
+@dataclass(frozen=True)
+class Kinds:
+    """What a dialogue file holds: the first line of each kind ("image", "video") and each dialogue id's line."""
+
+    first: dict
+    lines: dict
+
+
+def dialogue_kinds(path: str) -> Kinds:
+    """A light scan of a dialogue file (JSON only, no validation: ``iter_dialogues`` reports bad lines)."""
+    import os
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return Kinds({}, {})
+    return _scan_kinds(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _scan_kinds(path: str, mtime_ns: int, size: int) -> Kinds:
+    first: dict[str, int] = {}
+    lines: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for lineno, data in enumerate(f, start=1):
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            first.setdefault("video" if "video" in obj else "image", lineno)
+            if isinstance(obj.get("dialogue_id"), str):
+                lines.setdefault(obj["dialogue_id"], lineno)
+    return Kinds(first, lines)
+
+
+def video_sampling(config: PipelineConfig) -> dict | None:
+    """The frame sampling (``data.video``: {"num_frames", "fps"}) when the run's dialogues are videos, None when they
+    are images. Refused in one line naming the file: a run mixing images and videos (the stages hold one adapter per
+    run), videos on a family without a video path, and the pre-projector cache (its rows are CLIP-tower outputs)."""
+    from compress.lvlm import model_family
+
+    found = {}
+    for split in ("train", "val", "test") if config.data.mt_video is None else ():  # MT-Video: videos only
+        path = getattr(config.data, split)
+        for kind, line in dialogue_kinds(path).first.items():
+            found.setdefault(kind, (f"data.{split}", path, line))
+    if "video" not in found and config.data.mt_video is None:
+        return None
+    where = "data.mt_video" if "video" not in found else f"{found['video'][0]}: {found['video'][1]}:{found['video'][2]}"
+    if "image" in found:
+        key, path, line = found["image"]
+        raise ValueError(f"{where} is a video dialogue and {key}: {path}:{line} an image one; a run holds one kind: "
+                         "put images and videos in separate runs (work_dir)")
+    family = model_family(config.model.path)
+    if family not in VIDEO_FAMILIES:
+        raise ValueError(f"{where} is a video dialogue, but model.path {config.model.path} is a {family} model; "
+                         f"video runs on the {' and '.join(VIDEO_FAMILIES)} families (docs/design.md §5)")
+    if config.extract.cache == "pre_projector":
+        raise ValueError(f"{where} is a video dialogue: extract.cache pre_projector holds CLIP-tower outputs; use "
+                         "extract.cache post_projector or none")
+    return config.data.video_sampling()
+
+
+def stage_adapter(model_path: str, device: str, dtype: str, video: dict | None = None):
+    """The stage's LVLM adapter: the image adapter, or with ``video`` ({"num_frames", "fps"}) its video adapter
+    (compress.lvlm.video), which takes a video file where the image adapter takes an image."""
+    import torch
+
+    from compress.lvlm import load_adapter
+
+    adapter = load_adapter(model_path, device=device, dtype=getattr(torch, dtype))
+    if video is None:
+        return adapter
+    from compress.lvlm.video import video_adapter
+
+    return video_adapter(adapter, **video)
 
 
 def features_tensor(array):

@@ -13,6 +13,8 @@ Streaming (docs/design.md §6.1): images are decoded and preprocessed by ``extra
 LLaVA-NeXT; other families one image at a time); each model actor works on two shards at once, so one shard's write
 overlaps the next one's tower. ``cpu_workers: 0`` preprocesses on a thread of the model actor instead. An image of
 several dialogues of a shard goes through the tower once.
+Video dialogues (docs/design.md §5, video): the model actor holds the video adapter, which decodes each file into its
+sampled frames (``data.video``) and runs the model's video path; a file that cannot be decoded is its record's error.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pipeline.config import PipelineConfig
 from pipeline.shards import StageOutput
 from pipeline.tensor_columns import quantize_int8
-from stages.common import StageReport, load_split, model_actor, run_sharded, shard_ranges, split_limit
+from stages.common import StageReport, load_split, model_actor, run_sharded, shard_ranges, split_limit, video_sampling
 from stages.outputs import EXTRACT as STAGE  # noqa: F401  (each stage module names itself)
 from stages.outputs import extract_args as output_args
 from stages.outputs import extract_uri as output_uri  # noqa: F401  (this stage's own output, for callers)
@@ -85,15 +87,17 @@ class FeatureExtractor:
     tower, which a lock keeps to one batch at a time)."""
 
     def __init__(self, model_path: str, dtype: str, device: str, out_args: dict, cache: str = "post_projector",
-                 quantize: str = "none", batch_size: int = 1, cpu_workers: int = 0) -> None:
+                 quantize: str = "none", batch_size: int = 1, cpu_workers: int = 0, video: dict | None = None) -> None:
         import torch
 
-        from compress.lvlm import load_adapter
         from pipeline.env import apply_defaults
+        from stages.common import stage_adapter
 
         apply_defaults()
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        self.adapter = load_adapter(model_path, device=device, dtype=getattr(torch, dtype))
+        # ``video`` (the frame sampling): the dialogues' files are videos, through the model's video path
+        self.adapter = stage_adapter(model_path, device, dtype, video)
+        self.video = video
         self.store_dtype = getattr(torch, storage_dtype(dtype))
         self.post_dtype, self.cache, self.quantize = storage_dtype(dtype), cache, quantize
         self.out = StageOutput(**out_args)
@@ -225,13 +229,13 @@ class FeatureExtractor:
         for dialogue in dialogues:
             got = encoded.get(dialogue["image"])
             if isinstance(got, str):
-                errors.append([dialogue["dialogue_id"], got])
+                errors.append([dialogue["dialogue_id"], self._reason(dialogue, got)])
                 continue
             if self.cache != "post_projector":
                 if got is None:  # features in an earlier shard, or none stored: only the layout is needed here
                     got = self._layout_only(dialogue["image"])
                     if isinstance(got, str):
-                        errors.append([dialogue["dialogue_id"], got])
+                        errors.append([dialogue["dialogue_id"], self._reason(dialogue, got)])
                         continue
                     encoded[dialogue["image"]] = got
                 rows.append(self._pre_projector_row(index, dialogue, got, held))
@@ -242,6 +246,10 @@ class FeatureExtractor:
                          "features": x.detach().to("cpu", self.store_dtype)})
         self.out.write_shard(index, rows)
         return {"records": len(rows), "errors": errors}
+
+    def _reason(self, dialogue: dict, error: str) -> str:
+        """A video's error names its dialogue's file:line (videos are decoded here, not checked when read)."""
+        return f"{dialogue['where']}: {error}" if self.video is not None and "where" in dialogue else error
 
     def _layout_only(self, image: str):
         """(None, None, layout, size) of an image whose tower output another shard holds (its size from the file's
@@ -277,13 +285,14 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     first_shard: dict[str, int] = {}  # image -> the shard of its first dialogue, which stores its features
     for j, r in enumerate(records):
         first_shard.setdefault(r["image"], j // config.shards.dialogues_per_shard)
-    slim = [{"dialogue_id": r["dialogue_id"], "image": r["image"], "ref_shard": first_shard[r["image"]]}
-            for r in records]
+    slim = [{"dialogue_id": r["dialogue_id"], "image": r["image"], "ref_shard": first_shard[r["image"]],
+             "where": r["where"]} for r in records]
+    video = video_sampling(config)
     return run_sharded(
         out, len(ranges), len(records) + len(bad),
         make_actor=lambda: actor_cls.remote(config.model.path, config.model.dtype, device_for(gpus), out_args,
                                             config.extract.cache, config.extract.quantize, config.extract.batch_size,
-                                            config.extract.cpu_workers),
+                                            config.extract.cpu_workers, video),
         num_actors=config.extract.num_actors, task_args=lambda i: (i, slim[ranges[i][0]:ranges[i][1]]),
         max_error_fraction=config.shards.max_error_fraction, progress=progress, tasks_per_actor=2)
 

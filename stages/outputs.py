@@ -11,7 +11,7 @@ from __future__ import annotations
 from pipeline.config import PipelineConfig
 from pipeline.hashing import config_hash, file_sha256
 from pipeline.shards import StageOutput, read_completed
-from stages.common import model_identity, split_limit
+from stages.common import model_identity, split_limit, video_sampling
 
 EXTRACT, TEACHER, TRAIN, TPRL, EVALUATE = "extract", "teacher", "train", "tprl", "evaluate"
 
@@ -37,6 +37,9 @@ def extract_args(config: PipelineConfig, split: str) -> dict:
     # What goes into which shard depends on the file, how much of it is used and how it is cut.
     inputs = {"dialogues": file_sha256(getattr(config.data, split)), "limit": split_limit(config, split),
               "dialogues_per_shard": config.shards.dialogues_per_shard}
+    video = video_sampling(config)
+    if video is not None:  # a video's tokens depend on its frames (image runs keep the hash they had)
+        inputs["video"] = video
     return dict(uri=extract_uri(config, split), stage=EXTRACT, config_hash=extract_hash(config),
                 input_hash=config_hash(inputs), fmt=config.shards.format, verify=config.shards.verify)
 
@@ -145,8 +148,10 @@ def policy_dir(config: PipelineConfig) -> str:
 # --- evaluate: one output per (method, rate), then reports ----------------------------------------------------------
 def eval_input_hash(config: PipelineConfig, split: str) -> str:
     """The dialogues and how they are cut into shards (a different cut changes what shard ``i`` holds)."""
-    return config_hash({"dialogues": file_sha256(getattr(config.data, split)),
-                        "limit": config.data.max_eval_dialogues, "per_shard": config.shards.dialogues_per_shard})
+    inputs = {"dialogues": file_sha256(getattr(config.data, split)), "limit": config.data.max_eval_dialogues,
+              "per_shard": config.shards.dialogues_per_shard}
+    video = video_sampling(config)
+    return config_hash(inputs if video is None else {**inputs, "video": video})
 
 
 def eval_feature_hash(config: PipelineConfig, split: str) -> str | None:

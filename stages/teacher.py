@@ -11,7 +11,7 @@ from __future__ import annotations
 from pipeline.config import PipelineConfig
 from pipeline.shards import StageOutput
 from stages.common import (FeatureReader, StageReport, encoded_image, load_split, model_actor, run_sharded,
-                           shard_ranges, split_limit)
+                           shard_ranges, split_limit, stage_adapter, video_sampling)
 from stages.outputs import TEACHER as STAGE
 from stages.outputs import finished_extract_args
 from stages.outputs import teacher_args as output_args
@@ -19,14 +19,12 @@ from stages.outputs import teacher_args as output_args
 
 class TeacherWorker:
     def __init__(self, model_path: str, dtype: str, device: str, teacher: dict, out_args: dict,
-                 feature_args: dict) -> None:
-        import torch
-
-        from compress.lvlm import load_adapter
+                 feature_args: dict, video: dict | None = None) -> None:
         from pipeline.env import apply_defaults
 
         apply_defaults()
-        self.adapter = load_adapter(model_path, device=device, dtype=getattr(torch, dtype))
+        # ``video``: the cached tokens are a video's, prompted with the model's video placeholder (docs/design.md §5)
+        self.adapter = stage_adapter(model_path, device, dtype, video)
         self.teacher = teacher
         self.out = StageOutput(**out_args)
         self.features = FeatureReader(feature_args, self.adapter)  # projects a pre-projector cache
@@ -95,9 +93,10 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     teacher = {"top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
                "batch_size": config.evaluate.batch_size}
     actor_cls = model_actor(TeacherWorker, gpus, getattr(config.resources, STAGE).num_cpus)
+    video = video_sampling(config)
     return run_sharded(
         out, len(ranges), len(records),
         make_actor=lambda: actor_cls.remote(config.model.path, config.model.dtype, device_for(gpus), teacher,
-                                            out_args, feature_args),
+                                            out_args, feature_args, video),
         num_actors=config.extract.num_actors, task_args=lambda i: (i, records[ranges[i][0]:ranges[i][1]]),
         max_error_fraction=config.shards.max_error_fraction, progress=progress)

@@ -11,7 +11,7 @@ from pipeline.config import PipelineConfig
 from pipeline.hashing import config_hash
 from pipeline.reports import results_markdown
 from pipeline.shards import StageOutput
-from stages.common import StageFailed, StageReport, load_split, model_actor, shard_ranges
+from stages.common import StageFailed, StageReport, load_split, model_actor, shard_ranges, video_sampling
 from stages.evaluate.judging import check_judged, judge_rows
 from stages.evaluate.planning import Job, plan
 from stages.evaluate.promotion import track
@@ -58,9 +58,10 @@ def _compute(config: PipelineConfig, jobs: list[Job], outs: dict[str, StageOutpu
         feature_args = {**extract_args(config, split), "config_hash": eval_feature_hash(config, split)}
     gpus = actor_gpus(config, STAGE)
     actor_cls = model_actor(EvalWorker, gpus, config.resources.evaluate.num_cpus)  # restarted when it dies
-    pool = ActorPool([actor_cls.remote(config.model.path, config.model.dtype, device_for(gpus), options, feature_args)
-                      for _ in range(min(ev.num_actors, len(todo)))])
-    slim = [{k: d[k] for k in ("dialogue_id", "image", "source", "questions", "answers")} for d in records]
+    video = video_sampling(config)
+    pool = ActorPool([actor_cls.remote(config.model.path, config.model.dtype, device_for(gpus), options, feature_args,
+                                       video) for _ in range(min(ev.num_actors, len(todo)))])
+    slim = [{k: d[k] for k in ("dialogue_id", "image", "source", "questions", "answers", "where")} for d in records]
 
     def submit(actor, item):
         job, i = item

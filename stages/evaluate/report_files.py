@@ -7,7 +7,7 @@ import json
 import logging
 
 from pipeline.config import PipelineConfig
-from stages.common import feature_row
+from stages.common import feature_row, video_sampling
 from stages.evaluate.planning import Job
 from stages.outputs import complete_output, extract_args
 
@@ -65,7 +65,7 @@ def matrix_items(config: PipelineConfig, split: str, jobs: list[Job], records: l
 
     mc = [j for j in jobs if j.method == "metacompress"]
     chosen = records[:min(config.evaluate.matrix_images, len(records))]
-    if not mc or not chosen:
+    if not mc or not chosen or video_sampling(config) is not None:  # the plots draw P over one image's grid
         return []
     features = _cached_features(config, split, [d["dialogue_id"] for d in chosen])
     missing = [d for d in chosen if d["dialogue_id"] not in features]

@@ -8,7 +8,7 @@ from collections import Counter
 from pipeline.datasets.common import cut_at_stop
 from pipeline.metrics import JUDGED_SOURCES, score
 from pipeline.shards import StageOutput
-from stages.common import FeatureReader, encoded_image
+from stages.common import FeatureReader, encoded_image, stage_adapter
 
 STAT_FIELDS = ("vision_s", "reduce_s", "prefill_s", "decode_s", "ttft_s", "total_s", "peak_memory_bytes",
                "prefill_tokens", "prefill_flops", "kv_cache_len", "visual_tokens", "new_tokens")
@@ -22,14 +22,13 @@ def reference_answer(answers: list[str]) -> str:
 class EvalWorker:
     """One per actor: holds the LVLM (and the compressors it was asked for), writes whole shards."""
 
-    def __init__(self, model_path: str, dtype: str, device: str, options: dict, feature_args: dict | None) -> None:
-        import torch
-
-        from compress.lvlm import load_adapter
+    def __init__(self, model_path: str, dtype: str, device: str, options: dict, feature_args: dict | None,
+                 video: dict | None = None) -> None:
         from pipeline.env import apply_defaults
 
         apply_defaults()
-        self.adapter = load_adapter(model_path, device=device, dtype=getattr(torch, dtype))
+        self.adapter = stage_adapter(model_path, device, dtype, video)  # ``video``: the dialogues hold videos
+        self.video = video
         self.options = options
         self.features = FeatureReader(feature_args, self.adapter) if feature_args else None
         self.compressors: dict[str, object] = {}
@@ -82,11 +81,11 @@ class EvalWorker:
                 inputs.append(None)
                 errors.append([d["dialogue_id"], "no cached features (failed in the extract stage)"])
                 continue
-            try:
-                inputs.append(load_image(d["image"]))
+            try:  # a video is decoded into its sampled frames here, so a bad file is this record's error
+                inputs.append(self.adapter.load_video(d["image"]) if self.video is not None else load_image(d["image"]))
             except (FileNotFoundError, ValueError, OSError) as err:
                 inputs.append(None)
-                errors.append([d["dialogue_id"], str(err)])
+                errors.append([d["dialogue_id"], f"{d['where']}: {err}" if self.video is not None else str(err)])
         return inputs, errors
 
     def _batch(self, session, images: list, dialogues: list[dict], gen: dict) -> list[dict]:

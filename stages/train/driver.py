@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
-from stages.common import load_split, shard_ranges, split_limit
+from stages.common import load_split, shard_ranges, split_limit, video_sampling
 from stages.outputs import TRAIN as STAGE
 from stages.outputs import compressor_dir, rate_dir, write_trained_marker
 from stages.train.data import heldout_plan
@@ -65,7 +65,13 @@ def _online_plan(config: PipelineConfig, split: str) -> dict | None:
             "top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
             "storage_dtype": storage_dtype(config.model.dtype),
             "identity": [extract_hash(config), config.teacher.top_k, config.teacher.max_new_tokens,
-                         file_sha256(getattr(config.data, split))]}
+                         file_sha256(getattr(config.data, split))] + _video_identity(config)}
+
+
+def _video_identity(config: PipelineConfig) -> list:
+    """The frame sampling, for video dialogues (image runs keep the identity they had)."""
+    video = video_sampling(config)
+    return [] if video is None else [video]
 
 
 def make_plan(config: PipelineConfig, split: str) -> dict | None:
@@ -109,7 +115,7 @@ def _loop_config(config: PipelineConfig, rate: float, plan: dict, heldout: dict 
     return {"train": dataclasses.asdict(config.train), "model_path": config.model.path,
             "model_dtype": config.model.dtype, "use_gpu": use_gpu, "rate": rate, "plan": plan, "heldout": heldout,
             "validation": validation, "run_hash": rhash, "compressor_dir": out_dir, "tracking_uri": tracking[0],
-            "run_id": tracking[1], "crash_after_step": os.environ.get(CRASH_ENV)}
+            "run_id": tracking[1], "crash_after_step": os.environ.get(CRASH_ENV), "video": video_sampling(config)}
 
 
 def train_rate(config: PipelineConfig, rate: float, plan: dict, heldout: dict | None,

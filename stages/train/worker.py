@@ -68,7 +68,7 @@ def train_loop(cfg: dict) -> None:
     if on_gpu:
         torch.cuda.set_device(device)
     dtype = getattr(torch, cfg["model_dtype"])  # on every device: evaluate runs the LVLM so (docs/design.md §6.3)
-    adapter, _zero3_live = _load_lvlm(cfg["model_path"], device, dtype, tc, world, on_gpu)
+    adapter, _zero3_live = _load_lvlm(cfg["model_path"], device, dtype, tc, world, on_gpu, cfg.get("video"))
     lvlm_bytes = local_parameter_bytes(adapter.model)  # as loaded, before DeepSpeed's engine exists
     auto_share = None
     if tc.generator == "auto":  # decided on the first batch of every rank, averaged: the same on all of them
@@ -208,16 +208,25 @@ def accumulate(engine, examples: list, micro: int, rate: float) -> dict:
     return sums
 
 
-def _load_lvlm(model_path: str, device: str, dtype, tc, world: int, on_gpu: bool):
+def _load_lvlm(model_path: str, device: str, dtype, tc, world: int, on_gpu: bool, video: dict | None = None):
     """(adapter, the live ZeRO-3 config or None). Under ZeRO-3 the frozen LVLM is partitioned as it loads
     (docs/design.md §6.3): with transformers' ``HfDeepSpeedConfig`` alive, ``from_pretrained`` builds every parameter
     inside ``deepspeed.zero.Init`` and copies each checkpoint tensor into its partitions, so no worker holds the
     whole model; the engine later adopts those parameters as they are. transformers keeps only a weak reference to
-    the config: the caller holds it for the worker's life."""
+    the config: the caller holds it for the worker's life. ``video`` (frame sampling): the video adapter around the
+    same model (compress.lvlm.video), for video dialogues."""
     from compress.lvlm import load_adapter
 
+    def load():
+        adapter = load_adapter(model_path, device=device, dtype=dtype)
+        if video is None:
+            return adapter
+        from compress.lvlm.video import video_adapter
+
+        return video_adapter(adapter, **video)
+
     if tc.zero_stage != 3:
-        return load_adapter(model_path, device=device, dtype=dtype), None
+        return load(), None
     import deepspeed
     from transformers import AutoConfig
     from transformers.integrations import HfDeepSpeedConfig
@@ -229,7 +238,7 @@ def _load_lvlm(model_path: str, device: str, dtype, tc, world: int, on_gpu: bool
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     hidden = AutoConfig.from_pretrained(model_path).get_text_config().hidden_size
     live = HfDeepSpeedConfig(zero3_init_config(tc, world, dtype, persist_numel=4 * hidden))
-    return load_adapter(model_path, device=device, dtype=dtype), live
+    return load(), live
 
 
 def local_parameter_bytes(module) -> tuple[int, int]:

@@ -37,8 +37,8 @@ def _setup(tmp_path: Path, n: int = 2):
 def test_family_option_is_validated():
     from infra.reference.config import RecipeConfig
 
-    with pytest.raises(ValueError, match="token_drop"):
-        RecipeConfig(family="qwen2_5_vl", token_drop=0.5)
+    with pytest.raises(ValueError, match="video_frames"):
+        RecipeConfig(family="qwen2_5_vl", video_frames=0)
     with pytest.raises(ValueError, match="family must be one of"):
         RecipeConfig(family="qwen3_vl")
 

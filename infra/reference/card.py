@@ -28,7 +28,9 @@ def _recipe_lines(summary: dict[str, Any]) -> list[str]:
         stage1 = (f"- Stage 1: {cfg['stage1_steps']} steps (batch {cfg['stage1_batch']}, lr {cfg['stage1_lr']}) on "
                   "dense per-patch labels (colour / shape / size / anchor / 3x3 region) from the MT-Shapes scenes.")
     else:
-        stage1 = "- Stage 1 (vision pretraining on dense labels): **did not run** (no MT-Shapes scenes)."
+        why = ("inherited: the tower comes from the parent" if summary.get("parent") else
+               "--stage1-steps 0" if not cfg.get("stage1_steps") else "no MT-Shapes scenes")
+        stage1 = f"- Stage 1 (vision pretraining on dense labels): **did not run** ({why})."
     scale = cfg.get("vision_lr_scale", 0.0)
     tower = "tower frozen" if not scale else f"tower trained at {scale:g} x the lr"
     if ran["attention_supervision"]:
@@ -51,6 +53,9 @@ def _recipe_lines(summary: dict[str, Any]) -> list[str]:
     elif drop.startswith("scene"):
         drop_text = (f" {share} of the dialogues see only a random 10-100 % of their visual tokens (always those the "
                      "answers depend on, from the scenes), so the decoder survives token reduction.")
+        if drop != "scene":
+            drop_text += (" Dialogues without scenes (other data, videos) get the generic drop instead (a random "
+                          "10-100 % of their visual tokens, or runs of 2-10 averaged).")
     else:
         how = {"random": "a random 10-100 % of their visual tokens",
                "pool": "their visual tokens averaged in runs of 2-10",
@@ -58,11 +63,61 @@ def _recipe_lines(summary: dict[str, Any]) -> list[str]:
                         "(one of the two, by coin flip)"}[drop]
         drop_text = (f" Generic token drop ({drop}, no generator metadata): {share} of the dialogues see {how}, "
                      "compacted to new positions.")
+    if drop != "none" and summary["family"] == "qwen2_5_vl":
+        drop_text += (" Thinned prompts carry explicit 3-D rotary positions by the rule inference uses (a kept token "
+                      "keeps its (t, h, w), an averaged one takes its inputs' mean; the text after the image continues "
+                      "after the full grid): `infra/reference/qwen_positions.py`.")
     lines = [stage1,
              f"- Stage 2: {cfg['stage2_steps']} steps (batch {cfg['stage2_batch']}, lr {cfg['stage2_lr']}, {tower}) "
              f"on whole dialogues, {attention}{warm}, decoder init std 1/sqrt(width).{drop_text}"]
     if ran["notes"]:
         lines += ["- Logged by the build: " + "; ".join(ran["notes"])]
+    return lines
+
+
+def _data_lines(summary: dict[str, Any]) -> list[str]:
+    """Training data per file and kind, the video sampling, and the parent of a fine-tune (``--init``); a summary
+    from before those records existed names its one file."""
+    data = summary.get("data") or [{"file": summary["dialogues"], "dialogues": summary["train_dialogues"]}]
+    lines = []
+    for d in data:
+        kinds = ", ".join(f"{d[k]} {k}" for k in ("image", "video") if d.get(k))
+        lines.append(f"- Training dialogues: {d['dialogues']} from `{d['file']}`" + (f" ({kinds})" if kinds else "")
+                     + ".")
+    if len(data) > 1:
+        total = {k: sum(d.get(k, 0) for d in data) for k in ("image", "video")}
+        lines.append(f"- In all: {summary['train_dialogues']} dialogues, {total['image']} image and {total['video']} "
+                     "video, drawn uniformly in each batch.")
+    if any(d.get("video") for d in data):
+        lines.append(f"- Videos: {summary['config'].get('video_frames', 8)} frames sampled uniformly per video "
+                     "through the model's own video path (`pixel_values_videos`, `video_grid_thw`); at inference "
+                     "give `compress.lvlm.video.video_adapter` the same `num_frames`.")
+    parent = summary.get("parent")
+    if parent:
+        lines.append(f"- Fine-tuned from `{parent['dir']}` (model.safetensors sha256 `{parent['sha256']}`, trained "
+                     f"on {parent.get('data')}, {parent.get('stage2_steps')} stage-2 steps); stage 2 continued from "
+                     "its weights, vocabulary grown by "
+                     f"{parent.get('words_added', 0)} entries.")
+    return lines
+
+
+def _accuracy_lines(test: dict[str, Any], title: str, video: bool = False) -> list[str]:
+    turns = [k for k in test if k.startswith("Acc_")]
+    lines = [f"## Accuracy ({title}{test['n']} dialogues, greedy, own answers in the history)", "",
+             "| " + " | ".join(turns + ["Avg"]) + " |", "|" + "---|" * (len(turns) + 1),
+             "| " + " | ".join(f"{test[k]:.1f}" for k in turns + ["Avg"]) + " |", ""]
+    if "blind_avg" in test:
+        blank = "every frame of every video uniform grey" if video else "every image a uniform grey one of its size"
+        lines += [f"Blind (the same model, {blank}): Avg "
+                  f"{test['blind_avg']:.1f}.", "",
+                  "| type | accuracy | chance (same model, blank images) | majority answer |", "|---|---|---|---|"]
+        majority = test.get("majority_by_type", {})
+        lines += [f"| {k} | {v:.1f} | {test['chance_by_type'].get(k, float('nan')):.1f} | "
+                  f"{majority.get(k, float('nan')):.1f} |" for k, v in test["by_type"].items()]
+    else:
+        lines += ["| type | accuracy | chance (majority answer) |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.1f} | {test.get('chance_by_type', {}).get(k, float('nan')):.1f} |"
+                  for k, v in test["by_type"].items()]
     return lines
 
 
@@ -76,35 +131,22 @@ def model_card(summary: dict[str, Any], command: str) -> str:
                                  "ViT with a 2 x 2 merger, Qwen2 decoder with 3-D rotary positions")}[summary["family"]]
     lines = [f"# Reference {summary['family']} ({summary.get('data_name') or summary['dialogues']})", "",
              f"Small `{cls}`"
-             f" ({parts}), {summary['parameters']:,} parameters, trained from scratch by "
+             f" ({parts}), {summary['parameters']:,} parameters, "
+             + ("fine-tuned from its parent (below)" if summary.get("parent") else "trained from scratch") + " by "
              "`infra/reference/recipe.py`; weights saved in fp16.", "",
              "## Recipe (what ran)",
              f"- Vision tower: {cfg['vision_layers']} layers x {cfg['vision_hidden']}, {cfg['patch_size']} px "
              + ("tokens (merged 2 x 2 patches)" if summary["family"] == "qwen2_5_vl" else "patches") + "; "
              f"decoder: {cfg['text_layers']} layers x {cfg['text_hidden']}.",
              *_recipe_lines(summary),
-             f"- Training dialogues: {summary['train_dialogues']} from `{summary['dialogues']}`.", "",
+             *_data_lines(summary), "",
              "## Command", "```", command, "```", "",
              f"Wall time: {summary['train_s'] / 60:.1f} min training on {summary['device']} "
              f"({summary['threads']} torch thread(s)).", ""]
-    test = summary.get("test")
-    if test:
-        turns = [k for k in test if k.startswith("Acc_")]
-        blind = "blind_avg" in test
-        lines += [f"## Accuracy (test, {test['n']} dialogues, greedy, own answers in the history)", "",
-                  "| " + " | ".join(turns + ["Avg"]) + " |", "|" + "---|" * (len(turns) + 1),
-                  "| " + " | ".join(f"{test[k]:.1f}" for k in turns + ["Avg"]) + " |", ""]
-        if blind:
-            lines += [f"Blind (the same model, every image a uniform grey one of its size): Avg "
-                      f"{test['blind_avg']:.1f}.", "",
-                      "| type | accuracy | chance (same model, blank images) | majority answer |", "|---|---|---|---|"]
-            majority = test.get("majority_by_type", {})
-            lines += [f"| {k} | {v:.1f} | {test['chance_by_type'].get(k, float('nan')):.1f} | "
-                      f"{majority.get(k, float('nan')):.1f} |" for k, v in test["by_type"].items()]
-        else:
-            lines += ["| type | accuracy | chance (majority answer) |", "|---|---|---|"]
-            lines += [f"| {k} | {v:.1f} | {test.get('chance_by_type', {}).get(k, float('nan')):.1f} |"
-                      for k, v in test["by_type"].items()]
+    by_kind = summary.get("test_by_kind") or ({"image": summary["test"]} if summary.get("test") else {})
+    for i, (kind, test) in enumerate(by_kind.items()):
+        lines += ([""] if i else []) + _accuracy_lines(test, f"test, {kind}, " if set(by_kind) != {"image"} else
+                                                       "test, ", kind == "video")
     curve = [r for r in summary.get("stage2_curve", []) if "eval" in r]
     if curve:
         lines += ["", "## Curve (200 test dialogues)", "", "| step | minutes | Avg |", "|---|---|---|"]

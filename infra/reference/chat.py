@@ -8,12 +8,12 @@ from typing import Any
 from infra.reference.config import IGNORE
 
 
-def render_dialogue(turns: Sequence[tuple[str, str | None]]) -> list[dict[str, Any]]:
-    """Chat messages for (question, answer) turns; the image goes with the first question. A last answer of
-    ``None`` leaves the turn open (for generation)."""
+def render_dialogue(turns: Sequence[tuple[str, str | None]], visual: str = "image") -> list[dict[str, Any]]:
+    """Chat messages for (question, answer) turns; the image (``visual`` "video": the video) goes with the first
+    question. A last answer of ``None`` leaves the turn open (for generation)."""
     msgs: list[dict[str, Any]] = []
     for t, (q, a) in enumerate(turns):
-        content: list[dict[str, Any]] = ([{"type": "image"}] if t == 0 else []) + [{"type": "text", "text": q}]
+        content: list[dict[str, Any]] = ([{"type": visual}] if t == 0 else []) + [{"type": "text", "text": q}]
         msgs.append({"role": "user", "content": content})
         if a is not None:
             msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})

@@ -47,12 +47,16 @@ class RecipeConfig:
     attention_weight: float = 1.0
     # Share of supervised training dialogues whose visual tokens are thinned to a random 10-100 %, always keeping the
     # tokens their answers depend on (:func:`drop_image_tokens`), so the decoder does not read the scene from token
-    # positions that any pre-LLM reducer moves. 0: off.
+    # positions that any pre-LLM reducer moves. 0: off. Qwen2.5-VL's thinned prompts get explicit 3-D positions
+    # (:mod:`infra.reference.qwen_positions`).
     token_drop: float = 0.0
     # Which drop: "auto" (the scene drop where a dialogue has MT-Shapes targets, else the generic one, mixed),
     # "scene" (only the scene drop: dialogues without targets keep every token), or a generic one for every dialogue
     # ("random", "pool", "mixed"; :mod:`infra.reference.token_drop`), which needs no generator metadata.
     token_drop_mode: str = "auto"
+    # Frames sampled uniformly from each training / evaluation video (Qwen2.5-VL only; compress.lvlm.video's
+    # ``decode_video``): the ``num_frames`` to give ``video_adapter`` at inference, so that it sees what training saw.
+    video_frames: int = 8
     weight_decay: float = 0.01
     seed: int = 0
     max_train: int | None = None
@@ -65,10 +69,8 @@ class RecipeConfig:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.token_drop_mode not in TOKEN_DROP_MODES:
             raise ValueError(f"token_drop_mode must be one of {TOKEN_DROP_MODES}, got {self.token_drop_mode!r}")
-        if self.family == "qwen2_5_vl" and self.token_drop > 0:
-            # the drop feeds fewer image tokens than the image grid, which Qwen's 3-D positions (from the grid) refuse
-            raise ValueError("token_drop: not available for family qwen2_5_vl (its rotary positions come from the "
-                             "image grid); use --token-drop 0")
+        if self.video_frames < 1:
+            raise ValueError(f"video_frames must be >= 1, got {self.video_frames}")
         if self.patch_size % 2 and self.family == "qwen2_5_vl":
             raise ValueError(f"patch_size {self.patch_size}: Qwen2.5-VL merges 2 x 2 patches; use an even size")
         if self.tile_size % self.patch_size:

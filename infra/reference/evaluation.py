@@ -24,11 +24,17 @@ def evaluate(model, processor, dialogues: Sequence[Any], batch_size: int = 32, d
     image). Returns ``per_turn_accuracy`` (Acc_1..Acc_T, Avg in percent) plus ``by_type`` (percent per
     ``turn.meta['type']`` when present) and ``n``. ``blank``: every image replaced by a uniform grey one of its
     size, so the scores are what the model reaches blind: the chance level of that model on those questions,
-    priors over the question's words included (a majority answer per type ignores them)."""
+    priors over the question's words included (a majority answer per type ignores them). Video dialogues (Qwen2.5-VL
+    references) go through the processor's video path, sampled as in training; blank: grey frames. One call scores
+    one kind (``infra.reference.recipe.score`` splits them)."""
     import torch
-    from PIL import Image
 
     from pipeline.metrics import exact_match, per_turn_accuracy
+
+    kinds = {d.kind for d in dialogues}
+    if len(kinds) > 1:
+        raise ValueError(f"evaluate: one visual kind per call, got {sorted(kinds)}")
+    video = kinds == {"video"}
 
     tok = processor.tokenizer
     model.eval()
@@ -36,17 +42,15 @@ def evaluate(model, processor, dialogues: Sequence[Any], batch_size: int = 32, d
     by_type: dict[str, list[float]] = defaultdict(list)
     for start in range(0, len(dialogues), batch_size):
         chunk = list(dialogues[start:start + batch_size])
-        images = []
-        for d in chunk:
-            with Image.open(d.image) as im:
-                images.append(Image.new("RGB", im.size, BLANK) if blank else im.convert("RGB"))
+        images = [_visual(d, processor, blank) for d in chunk]
         history: list[list[tuple[str, str | None]]] = [[] for _ in chunk]
         for t in range(max(len(d.turns) for d in chunk)):
             live = [b for b, d in enumerate(chunk) if t < len(d.turns)]
-            texts = [processor.apply_chat_template(render_dialogue(history[b] + [(chunk[b].turns[t].question, None)]),
+            texts = [processor.apply_chat_template(render_dialogue(history[b] + [(chunk[b].turns[t].question, None)],
+                                                                   "video" if video else "image"),
                                                    add_generation_prompt=True) for b in live]
-            enc = processor(images=[images[b] for b in live], text=texts, return_tensors="pt", padding=True,
-                            padding_side="left")
+            enc = processor(**{"videos" if video else "images": [images[b] for b in live]}, text=texts,
+                            return_tensors="pt", padding=True, padding_side="left")
             enc = {k: v.to(device) for k, v in enc.items()}
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
@@ -63,6 +67,23 @@ def evaluate(model, processor, dialogues: Sequence[Any], batch_size: int = 32, d
     result["by_type"] = {k: 100.0 * sum(v) / len(v) for k, v in sorted(by_type.items())}
     result["n"] = len(dialogues)
     return result
+
+
+def _visual(dialogue, processor, blank: bool):
+    """The dialogue's RGB image, or its sampled ``Video`` (the processor's sampling); ``blank``: uniform grey."""
+    if dialogue.kind == "video":
+        from dataclasses import replace
+
+        import numpy as np
+
+        from compress.lvlm.video import decode_video
+
+        v = decode_video(dialogue.image, processor.num_frames, processor.fps)
+        return replace(v, frames=np.full_like(v.frames, BLANK[0])) if blank else v
+    from PIL import Image
+
+    with Image.open(dialogue.image) as im:
+        return Image.new("RGB", im.size, BLANK) if blank else im.convert("RGB")
 
 
 def chance_accuracy(train: Sequence[Any], test: Sequence[Any]) -> dict[str, float]:

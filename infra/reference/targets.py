@@ -234,12 +234,19 @@ def dialogue_example(dialogue, processor, scene=None, cfg: RecipeConfig | None =
     import torch
     from PIL import Image
 
-    text = processor.apply_chat_template(render_dialogue([(t.question, t.answers[0]) for t in dialogue.turns]))
-    with Image.open(dialogue.image) as im:
-        enc = processor(images=[im.convert("RGB")], text=[text], return_tensors="pt")
-    flat = "image_grid_thw" in enc  # Qwen2.5-VL: pixel_values (N, C * T * p * p) are the image's patches, no batch dim
-    ex = {k: v if flat and k == "pixel_values" else v[0] for k, v in enc.items()
-          if k in ("input_ids", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")}
+    video = getattr(dialogue, "kind", "image") == "video"
+    text = processor.apply_chat_template(render_dialogue([(t.question, t.answers[0]) for t in dialogue.turns],
+                                                         "video" if video else "image"))
+    if video:  # Qwen2.5-VL's video path (the processor refuses it for a tokenizer without a video token)
+        enc = processor(videos=[dialogue.image], text=[text], return_tensors="pt")
+    else:
+        with Image.open(dialogue.image) as im:
+            enc = processor(images=[im.convert("RGB")], text=[text], return_tensors="pt")
+    # Qwen2.5-VL: pixel_values(_videos) (N, C * T * p * p) are the image's / video's patches, no batch dim
+    flat = ("pixel_values", "pixel_values_videos") if "image_grid_thw" in enc or "video_grid_thw" in enc else ()
+    ex = {k: v if k in flat else v[0] for k, v in enc.items()
+          if k in ("input_ids", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids",
+                   "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}
     ex["labels"] = answer_labels(ex["input_ids"], processor.tokenizer)
     if scene is None or cfg is None:
         return ex
@@ -302,7 +309,8 @@ def drop_image_tokens(ex: dict[str, Any], keep, image_token_id: int) -> dict[str
     if not torch.allclose(target.sum(-1), ex["attn_target"].sum(-1)):
         raise ValueError("drop_image_tokens: keep must hold every image token an attention target points at")
     question = ex["attn_question"]
-    return ex | {"input_ids": ids[stay], "labels": ex["labels"][stay], "attn_pos": ex["attn_pos"] - shift,
+    types = {"mm_token_type_ids": ex["mm_token_type_ids"][stay]} if "mm_token_type_ids" in ex else {}
+    return ex | types | {"input_ids": ids[stay], "labels": ex["labels"][stay], "attn_pos": ex["attn_pos"] - shift,
                  "attn_question": torch.where(question > end, question - shift, question), "attn_target": target,
                  "kept": keep}
 

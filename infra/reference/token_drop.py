@@ -42,7 +42,8 @@ def pool_matrix(n: int, group: int) -> Any:
 
 def generic_drop(ex: dict[str, Any], rng: random.Random, image_token_id: int, mode: str = "mixed") -> dict[str, Any]:
     """``ex`` (a :func:`infra.reference.targets.dialogue_example`) with fewer image tokens: ``random``, ``pool`` or
-    ``mixed`` (each call picks one of the two). ``input_ids`` / ``labels`` lose the removed image positions (they
+    ``mixed`` (each call picks one of the two); ``image_token_id``: the example's visual token (a Qwen video's
+    video token). ``input_ids`` / ``labels`` lose the removed image positions (they
     precede every answer, so the answers' labels shift with their tokens); ``kept`` says how the survivors come from
     the image's features. Attention targets, which point at the original positions, are dropped."""
     import torch
@@ -58,4 +59,6 @@ def generic_drop(ex: dict[str, Any], rng: random.Random, image_token_id: int, mo
     stay = torch.ones(len(ids), dtype=torch.bool)
     stay[image[len(kept):]] = False  # the image tokens are one run: keep its first len(kept) positions
     out = {k: v for k, v in ex.items() if not k.startswith("attn_")}
+    if "mm_token_type_ids" in ex:  # Qwen2.5-VL: the token types follow the tokens
+        out["mm_token_type_ids"] = ex["mm_token_type_ids"][stay]
     return out | {"input_ids": ids[stay], "labels": ex["labels"][stay], "kept": kept}

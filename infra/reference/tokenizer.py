@@ -14,6 +14,9 @@ from typing import Any
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4 in this order
+# The video placeholder of the Qwen references: appended after the words (not among ids 0..4), so adding it to an
+# existing vocabulary (a fine-tune with ``--init``) moves no id the parent learned.
+VIDEO = "<video>"
 TEMPLATE_WORDS: tuple[str, ...] = ("user", "assistant", ":")
 
 # A message's content is either a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts.
@@ -23,7 +26,8 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'user' %}USER: "
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'video' %}<video>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}\n"
     "{% elif message['role'] == 'assistant' %}ASSISTANT: "
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -66,19 +70,39 @@ def make_tokenizer(vocab: list[str]) -> Any:
     core = Tokenizer(WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=UNK))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.add_special_tokens(list(SPECIAL_TOKENS))  # matched before normalisation, so "<image>" stays one token
+    video = VIDEO in vocab
+    # matched before normalisation, so "<image>" / "<video>" stay one token
+    core.add_special_tokens(list(SPECIAL_TOKENS) + ([VIDEO] if video else []))
+    extra = {"image_token": IMAGE} | ({"video_token": VIDEO} if video else {})
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-                                  pad_token=PAD, extra_special_tokens={"image_token": IMAGE})
+                                  pad_token=PAD, extra_special_tokens=extra)
     tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "left"  # generation pads on the left
     return tok
 
 
-def tokenizer_from_dialogues(dialogues: Iterable[Any]) -> Any:
-    """Vocabulary from every question and answer of ``dialogues`` (``pipeline.dialogues.Dialogue`` objects)."""
+def dialogue_texts(dialogues: Iterable[Any]) -> list[str]:
+    """Every question and answer of ``dialogues`` (``pipeline.dialogues.Dialogue`` objects)."""
     texts: list[str] = []
     for d in dialogues:
         for t in d.turns:
             texts.append(t.question)
             texts.extend(t.answers)
-    return make_tokenizer(build_vocab(texts))
+    return texts
+
+
+def tokenizer_from_dialogues(dialogues: Iterable[Any], video: bool = False) -> Any:
+    """Vocabulary from every question and answer of ``dialogues``; ``video``: :data:`VIDEO` appended last."""
+    vocab = build_vocab(dialogue_texts(dialogues))
+    return make_tokenizer(vocab + [VIDEO] if video else vocab)
+
+
+def extend_tokenizer(parent, dialogues: Iterable[Any], video: bool = False) -> tuple[Any, int]:
+    """A fine-tune's tokenizer: ``parent``'s vocabulary in its own id order, then the words of ``dialogues`` it
+    lacks (most frequent first) and, with ``video``, :data:`VIDEO` if missing. Returns (tokenizer, words added)."""
+    old = [w for w, _ in sorted(parent.get_vocab().items(), key=lambda kv: kv[1])]
+    have = set(old)
+    new = [w for w in build_vocab(dialogue_texts(dialogues)) if w not in have]
+    if video and VIDEO not in have and VIDEO not in new:
+        new.append(VIDEO)
+    return make_tokenizer(old + new), len(new)

@@ -18,12 +18,13 @@ from infra.reference.token_drop import generic_drop
 
 
 # ----------------------------------------------------------------------------------------------------- model
-def build_model(cfg: RecipeConfig, vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int):
+def build_model(cfg: RecipeConfig, vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int,
+                video_token_id: int | None = None):
     """A randomly initialised model of transformers' own classes, sized by ``cfg``."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
     if cfg.family == "qwen2_5_vl":
-        return build_qwen(cfg, vocab_size, image_token_id, pad_id, bos_id, eos_id)
+        return build_qwen(cfg, vocab_size, image_token_id, pad_id, bos_id, eos_id, video_token_id)
 
     vc = CLIPVisionConfig(image_size=cfg.tile_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_hidden,
                           intermediate_size=2 * cfg.vision_hidden, num_hidden_layers=cfg.vision_layers,
@@ -52,7 +53,8 @@ def build_model(cfg: RecipeConfig, vocab_size: int, image_token_id: int, pad_id:
     return model
 
 
-def build_qwen(cfg: RecipeConfig, vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int):
+def build_qwen(cfg: RecipeConfig, vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int,
+               video_token_id: int | None = None):
     """A ``Qwen2_5_VLForConditionalGeneration``: a ViT of ``patch_size // 2`` patches whose 2 x 2 merger outputs the
     LLM width, attending over the whole image in every layer (a window covering the image), and a Qwen2 decoder
     with 3-D rotary positions, sized as the LLaVA references."""
@@ -72,7 +74,8 @@ def build_qwen(cfg: RecipeConfig, vocab_size: int, image_token_id: int, pad_id: 
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
                          initializer_range=cfg.text_init_std or cfg.text_hidden ** -0.5, tie_word_embeddings=True,
                          pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id),
-        image_token_id=image_token_id, tie_word_embeddings=True)
+        image_token_id=image_token_id, tie_word_embeddings=True,
+        **({"video_token_id": video_token_id} if video_token_id is not None else {}))
     model = Qwen2_5_VLForConditionalGeneration(config)
     for key, value in (("pad_token_id", pad_id), ("bos_token_id", bos_id), ("eos_token_id", eos_id)):
         setattr(model.generation_config, key, value)
@@ -101,7 +104,7 @@ def build_processor(cfg: RecipeConfig, tokenizer):
         # pixel bounds that resize a square image to t x t (sides rounded to the merged token's side)
         ip = Qwen2VLImageProcessorPil(patch_size=cfg.patch_size // 2, merge_size=2, temporal_patch_size=2,
                                       size={"shortest_edge": cfg.patch_size ** 2, "longest_edge": t * t})
-        return QwenImageProcessor(ip, tokenizer, CHAT_TEMPLATE)
+        return QwenImageProcessor(ip, tokenizer, CHAT_TEMPLATE, num_frames=cfg.video_frames)
     if cfg.family == "llava":
         from transformers import LlavaProcessor
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -261,28 +264,42 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         k = len(e["input_ids"])
         ids[b, :k], labels[b, :k], mask[b, :k] = e["input_ids"], e["labels"], 1
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    pvs = [e["pixel_values"] for e in examples]
-    if "image_grid_thw" in examples[0]:  # Qwen2.5-VL: the images' patches concatenated, one grid row per image
-        batch["pixel_values"] = torch.cat(pvs)
-        batch["image_grid_thw"] = torch.stack([e["image_grid_thw"] for e in examples])
+    if "mm_token_type_ids" in examples[0]:
+        # Qwen2.5-VL: images' patches concatenated with one grid row per image, videos' alike, in batch order
+        images = [e for e in examples if "image_grid_thw" in e]
+        videos = [e for e in examples if "video_grid_thw" in e]
+        if images:
+            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in images])
+            batch["image_grid_thw"] = torch.stack([e["image_grid_thw"] for e in images])
+        if videos:
+            batch["pixel_values_videos"] = torch.cat([e["pixel_values_videos"] for e in videos])
+            batch["video_grid_thw"] = torch.stack([e["video_grid_thw"] for e in videos])
+            batch["second_per_grid_ts"] = torch.stack([e["second_per_grid_ts"] for e in videos])
         batch["mm_token_type_ids"] = torch.zeros_like(ids)
         for b, e in enumerate(examples):
             batch["mm_token_type_ids"][b, :len(e["mm_token_type_ids"])] = e["mm_token_type_ids"]
         pvs = []
-    elif "image_sizes" in examples[0]:
+    else:
+        pvs = [e["pixel_values"] for e in examples]
+    if "image_sizes" in examples[0]:
         tiles = max(p.shape[0] for p in pvs)
         pvs = [torch.cat([p, p.new_zeros(tiles - p.shape[0], *p.shape[1:])]) for p in pvs]
         batch["image_sizes"] = torch.stack([e["image_sizes"] for e in examples])
     if pvs:
         batch["pixel_values"] = torch.stack(pvs)
-    if all("attn_pos" in e for e in examples):
-        turns = max(len(e["attn_pos"]) for e in examples)
+    # Dialogues without attention targets (no scene, generic drop, video) ride along as rows without turns
+    # (attn_pos -1), which :func:`attention_loss` leaves out.
+    supervised = [e for e in examples if "attn_pos" in e]
+    if supervised:
+        turns = max(len(e["attn_pos"]) for e in supervised)
         batch["attn_pos"] = torch.full((len(examples), turns), -1, dtype=torch.long)
-        width = max(e["attn_target"].shape[-1] for e in examples)
-        batch["attn_target"] = torch.zeros(len(examples), turns, *examples[0]["attn_target"].shape[1:-1], width)
-        words = max(e["attn_question"].shape[-1] for e in examples)
+        width = max(e["attn_target"].shape[-1] for e in supervised)
+        batch["attn_target"] = torch.zeros(len(examples), turns, *supervised[0]["attn_target"].shape[1:-1], width)
+        words = max(e["attn_question"].shape[-1] for e in supervised)
         batch["attn_question"] = torch.full((len(examples), turns, SUPERVISED_HEADS, words), -1, dtype=torch.long)
         for b, e in enumerate(examples):
+            if "attn_pos" not in e:
+                continue
             batch["attn_pos"][b, :len(e["attn_pos"])] = e["attn_pos"]
             batch["attn_target"][b, :len(e["attn_target"]), ..., :e["attn_target"].shape[-1]] = e["attn_target"]
             batch["attn_question"][b, :len(e["attn_question"]), :, :e["attn_question"].shape[-1]] = e["attn_question"]
@@ -292,9 +309,14 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 def forward_kept(model, inputs: dict[str, Any], kept: Sequence[Any], **kwargs):
     """``model(**inputs)`` where dialogue b's prompt holds only the image tokens ``kept[b]`` (indices into the
     features its image gives, or a (k, n) matrix mixing them: :mod:`infra.reference.token_drop`): the tower and
-    projector run on the whole image, the kept features fill the image positions of ``inputs_embeds``."""
+    projector run on the whole image, the kept features fill the image positions of ``inputs_embeds``. Qwen2.5-VL
+    (images and videos): :func:`infra.reference.qwen_positions.qwen_forward_kept`, with explicit 3-D positions."""
     import torch
 
+    if hasattr(model.model, "visual"):
+        from infra.reference.qwen_positions import qwen_forward_kept
+
+        return qwen_forward_kept(model, inputs, kept, **kwargs)
     extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
     features = model.model.get_image_features(pixel_values=inputs["pixel_values"], **extra).pooler_output
     rows = torch.cat([f[k.to(f.device)] if not k.is_floating_point() else k.to(f.device, f.dtype) @ f
@@ -322,11 +344,14 @@ def warm_start_projector(model, head) -> None:
         lin.bias[:k] = head.bias.to(lin.bias.dtype)
 
 
-def _drop(ex: dict[str, Any], cfg: RecipeConfig, rng: random.Random, image_id: int) -> dict[str, Any]:
+def _drop(ex: dict[str, Any], cfg: RecipeConfig, rng: random.Random, image_id: int,
+          video_id: int | None = None) -> dict[str, Any]:
     """One example after the token drop of ``cfg.token_drop_mode`` (see :class:`RecipeConfig`). With scene
     targets and mode ``auto`` / ``scene``, the scene drop (one draw per example, as before the generic drop existed:
-    builds where every dialogue has targets are unchanged); else the generic one."""
+    builds where every dialogue has targets are unchanged); else the generic one (a video: over its video tokens)."""
     mode = cfg.token_drop_mode
+    if "video_grid_thw" in ex:
+        image_id = video_id
     if mode in ("auto", "scene") and "attn_pos" in ex:
         return thin_tokens(ex, rng, image_id) if rng.random() < cfg.token_drop else ex
     if mode == "scene":
@@ -364,6 +389,7 @@ def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfi
         model.set_attn_implementation("eager")  # attention weights are only materialised by eager attention
     drop_rng = random.Random(cfg.seed + 2)  # its own stream: token_drop=0 leaves the batches as they were
     image_id = model.config.image_token_id
+    video_id = getattr(model.config, "video_token_id", None)
     t0, run_loss, run_att, run_n = time.time(), 0.0, 0.0, 0
     for step in range(cfg.stage2_steps):
         model.train()
@@ -376,14 +402,15 @@ def train_dialogues(model, processor, dialogues: Sequence[Any], cfg: RecipeConfi
                 cache[i] = dialogue_example(dialogues[i], processor, scene, cfg)
         examples = [cache[i] for i in idx]
         if cfg.token_drop > 0:
-            examples = [_drop(e, cfg, drop_rng, image_id) for e in examples]
+            examples = [_drop(e, cfg, drop_rng, image_id, video_id) for e in examples]
         batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
         for gr in opt.param_groups:
             gr["lr"] = cfg.stage2_lr * gr["scale"] * _schedule(step, cfg.stage2_steps, cfg.warmup)
         inputs = {k: v for k, v in batch.items() if not k.startswith("attn_")}
         supervised = supervise and "attn_pos" in batch
         if any("kept" in e for e in examples):
-            kept = [e.get("kept", torch.arange(int((e["input_ids"] == image_id).sum()))) for e in examples]
+            visual = [(e["input_ids"] == image_id) | (e["input_ids"] == (video_id or image_id)) for e in examples]
+            kept = [e.get("kept", torch.arange(int(v.sum()))) for e, v in zip(examples, visual)]
             out = forward_kept(model, inputs, kept, output_attentions=supervised)
         else:
             out = model(**inputs, output_attentions=supervised)

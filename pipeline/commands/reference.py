@@ -1,7 +1,10 @@
 """``metacompress reference build``: train a reference LVLM (issue 4, item 5; docs/design.md §7).
 
-    metacompress reference build --family llava|llava_next --out DIR [--dialogues FILE] [--steps N]
-                                 [--device cpu|cuda] [--eval FILE] ...
+    metacompress reference build --family llava|llava_next|qwen2_5_vl --out DIR [--dialogues FILE ...]
+                                 [--eval FILE ...] [--init DIR] [--steps N] [--device cpu|cuda] ...
+
+``--dialogues`` and ``--eval`` repeat (``--dialogues A --dialogues B``): images and, for qwen2_5_vl, videos mixed.
+``--init DIR`` continues stage 2 from a reference this command built (with ``--stage1-steps 0``).
 
 Without ``--dialogues`` it trains on MT-Shapes: it generates the splits under ``DIR/mt_shapes`` (seeded) unless
 they are there, and scores the test split at the end. The recipe itself is ``infra/reference/recipe.py``.
@@ -22,6 +25,9 @@ def _build(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "model.safetensors").exists() and not args.overwrite:
         raise ValueError(f"{out} already holds a model; choose another --out or pass --overwrite")
+    if args.init and Path(args.init).resolve() == out.resolve():
+        raise ValueError(f"--init {args.init} is also --out: the fine-tune would overwrite its parent; choose another "
+                         "--out")
     dialogues, evaluation = args.dialogues, args.eval
     if dialogues is None:
         from pipeline.datasets import mt_shapes
@@ -38,15 +44,18 @@ def _build(args: argparse.Namespace) -> int:
                        stage2_batch=args.batch, stage2_lr=args.lr, max_train=args.max_train,
                        text_layers=args.text_layers,
                        attention_weight=args.attention_weight, token_drop=args.token_drop,
-                       token_drop_mode=args.token_drop_mode,
+                       token_drop_mode=args.token_drop_mode, video_frames=args.video_frames, warmup=args.warmup,
                        vision_hidden=args.vision_hidden, log_every=args.log_every)
+    if args.vision_lr_scale is not None:
+        cfg.vision_lr_scale = args.vision_lr_scale
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu")
     summary = build_reference(args.family, out, dialogues, evaluation, cfg, device=args.device,
-                              threads=args.threads, eval_limit=args.eval_limit, eval_every=args.eval_every)
+                              threads=args.threads, eval_limit=args.eval_limit, eval_every=args.eval_every,
+                              init=args.init)
     import shlex
     import sys
 
@@ -76,9 +85,23 @@ def register(subparsers) -> None:
     b = sub.add_parser("build", help="train a small LLaVA or LLaVA-NeXT from scratch and save it as a HF directory")
     b.add_argument("--family", choices=["llava", "llava_next", "qwen2_5_vl"], required=True)
     b.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, processor)")
-    b.add_argument("--dialogues", help="training dialogues.jsonl (default: MT-Shapes generated under OUT/mt_shapes)")
-    b.add_argument("--eval", help="dialogues.jsonl scored at the end (default with MT-Shapes: its test split)")
-    b.add_argument("--eval-limit", type=int, default=None, help="score only the first N evaluation dialogues")
+    b.add_argument("--dialogues", action="append",
+                   help="training dialogues.jsonl; repeat for several (images and, for qwen2_5_vl, videos mixed; "
+                        "default: MT-Shapes generated under OUT/mt_shapes)")
+    b.add_argument("--eval", action="append",
+                   help="dialogues.jsonl scored at the end, per visual kind; repeatable (default with MT-Shapes: its "
+                        "test split)")
+    b.add_argument("--eval-limit", type=int, default=None, help="score only the first N dialogues of each --eval")
+    b.add_argument("--init", help="continue stage 2 from this reference directory (same --family; its sizes and "
+                                  "vocabulary, grown by the new words); use with --stage1-steps 0")
+    b.add_argument("--vision-lr-scale", type=float, default=None,
+                   help="the tower's lr in stage 2 as a multiple of --lr (default: 0 after stage 1 or with --init, "
+                        "else 1)")
+    b.add_argument("--warmup", type=at_least_one, default=100,
+                   help="linear warm-up steps of each stage's lr before the cosine decay (a short --init fine-tune "
+                        "wants a few)")
+    b.add_argument("--video-frames", type=at_least_one, default=8,
+                   help="frames sampled uniformly per video (qwen2_5_vl); give video_adapter the same num_frames")
     b.add_argument("--eval-every", type=int, default=0, help="score 200 evaluation dialogues every N steps")
     b.add_argument("--steps", type=at_least_one, default=2500, help="stage-2 (dialogue) training steps")
     b.add_argument("--stage1-steps", type=int, default=1200, help="stage-1 (dense vision labels) steps")
@@ -98,7 +121,7 @@ def register(subparsers) -> None:
                         "mixed: the generic drop for every dialogue")
     b.add_argument("--text-layers", type=int, default=3)
     b.add_argument("--vision-hidden", type=int, default=64)
-    b.add_argument("--max-train", type=int, default=None, help="use only the first N training dialogues")
+    b.add_argument("--max-train", type=int, default=None, help="use only the first N dialogues of each --dialogues")
     b.add_argument("--mt-shapes-dialogues", type=int, default=9000, help="MT-Shapes dialogues to generate")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -114,16 +114,18 @@ def test_load_puts_every_weight_on_the_device_in_the_dtype(tmp_path, dtype):
         assert torch.equal(state[name], value.to(getattr(torch, dtype))), name
 
 
-# In a fresh process: a LLaVA with a 0.4 GB bf16 LLM is saved, then loaded by load_adapter onto the GPU and, for
-# comparison, by a plain CPU load; a thread samples the process's anonymous resident memory (RssAnon) meanwhile.
+# In a fresh process: a LLaVA with a bf16 LLM (0.4 GB for the GPU check, 50 MB on CPU) is saved, then loaded by
+# load_adapter onto the device and, for comparison, by a plain CPU load; a thread samples the process's anonymous
+# resident memory (RssAnon) meanwhile. On CPU the weights must stay the file's memory-mapped pages (file-backed, shared
+# by every actor of a node through the page cache), not a private copy per process.
 GPU_SCRIPT = r"""
 import json, sys, threading, time
 import torch
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from tests.tiny_models import IMAGE_TOKEN_ID, VOCAB, _vision_config, tiny_image_processor, tiny_tokenizer
 
-root = sys.argv[1]
-text = LlamaConfig(vocab_size=len(VOCAB), hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+root, device, layers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+text = LlamaConfig(vocab_size=len(VOCAB), hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
                    num_attention_heads=16, num_key_value_heads=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 cfg = LlavaConfig(vision_config=_vision_config(32, 4), text_config=text, image_token_index=IMAGE_TOKEN_ID,
                   image_seq_length=64, vision_feature_layer=-2, vision_feature_select_strategy="default")
@@ -153,24 +155,29 @@ def peak_growth(fn):
     return out, peak[0]
 
 from compress.lvlm import load_adapter
-adapter, direct = peak_growth(lambda: load_adapter(root, device="cuda", dtype=torch.bfloat16))
+adapter, direct = peak_growth(lambda: load_adapter(root, device=device, dtype=torch.bfloat16))
 devices = sorted({str(p.device) for p in adapter.model.parameters()})
 dtypes = sorted({str(p.dtype) for p in adapter.model.parameters()})
 del adapter
-_, plain = peak_growth(lambda: LlavaForConditionalGeneration.from_pretrained(root, dtype=torch.bfloat16))
+plain = None  # on CPU a plain load is memory-mapped as well: nothing to compare with
+if device == "cuda":
+    _, plain = peak_growth(lambda: LlavaForConditionalGeneration.from_pretrained(root, dtype=torch.bfloat16))
 print(json.dumps({"size": size, "direct": direct, "plain": plain, "devices": devices, "dtypes": dtypes}))
 """
 
 
-def test_gpu_load_goes_straight_to_the_device(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_load_goes_straight_to_the_device(tmp_path, device):
     import torch
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    out = subprocess.run([sys.executable, "-c", GPU_SCRIPT, str(tmp_path / "model")], capture_output=True, text=True,
-                         timeout=600)
+    layers = 16 if device == "cuda" else 2
+    out = subprocess.run([sys.executable, "-c", GPU_SCRIPT, str(tmp_path / "model"), device, str(layers)],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["devices"] == ["cuda:0"] and r["dtypes"] == ["torch.bfloat16"]
-    assert r["plain"] > 0.75 * r["size"], r  # the sampler sees a whole host copy when there is one
-    assert r["direct"] < 0.25 * r["size"], r  # and none when the load goes straight to the GPU
+    assert r["devices"] == [f"{device}:0" if device == "cuda" else "cpu"] and r["dtypes"] == ["torch.bfloat16"]
+    if device == "cuda":
+        assert r["plain"] > 0.75 * r["size"], r  # the sampler sees a whole host copy when there is one
+    assert r["direct"] < 0.25 * r["size"], r  # and none when the load goes straight to the device

@@ -52,11 +52,10 @@ def make_config(root: Path, work: str, **train):
     return resolve_paths(config_from_dict(data), root)
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def make_workspace(root: Path) -> Path:
+    """The tiny LLaVA and cached MT-Shapes targets the train tests share (conftest's ``train_workspace``)."""
     from pipeline.datasets.mt_shapes import MTShapesConfig, generate
 
-    root = tmp_path_factory.mktemp("train")
     generate(root / "data", total=24, seed=0, cfg=MTShapesConfig(image_size=32), val=0, test=8, progress=False)
     save_tiny(root / "model", "llava", num_layers=2)
     config = make_config(root, "base")
@@ -101,11 +100,15 @@ def load_state(directory):
     return MetaCompress.from_pretrained(directory).state_dict()
 
 
-@pytest.fixture(scope="module")
-def zero2_run(workspace, ray_local):
+def run_zero2(root: Path):
+    """The uninterrupted ZeRO-2 run the others compare with (conftest's ``zero2_run``): (config, report)."""
+    import ray
+
     from stages import train
 
-    config = fresh_work(workspace, "zero2", heldout_dialogues=5)  # of the 8 test dialogues (shards of 4 + 1)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    config = fresh_work(root, "zero2", heldout_dialogues=5)  # of the 8 test dialogues (shards of 4 + 1)
     report = train.run(config, progress=False)
     return config, report
 
@@ -151,75 +154,52 @@ def test_zero2_two_workers_learn_identically_and_track(zero2_run):
     assert again.computed == 0
 
 
-def test_killed_run_resumes_to_the_same_weights(workspace, zero2_run, monkeypatch):
-    import torch
+def steps_logged(directory) -> list[int]:
+    """The steps of the last attempt that wrote ``directory`` (``train_log.jsonl``)."""
+    import json
 
-    from stages import train
-
-    config = fresh_work(workspace, "crash")
-    monkeypatch.setenv(train.CRASH_ENV, "5")  # every worker dies after step 5; the last checkpoint is step 4
-    with pytest.raises(Exception):
-        train.run(config, progress=False)
-    assert not Path(train.compressor_dir(config, RATE)).exists()
-    monkeypatch.delenv(train.CRASH_ENV)
-    resumed = train.run(config, progress=False).results[RATE]
-    assert resumed["step"] == 8
-    expected = load_state(train.compressor_dir(zero2_run[0], RATE))
-    got = load_state(train.compressor_dir(config, RATE))
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
+    return [json.loads(line)["step"] for line in open(f"{directory}/train_log.jsonl")]
 
 
-def test_planted_pickles_never_run_and_damaged_weights_are_recomputed(workspace, zero2_run, monkeypatch, tmp_path):
-    """docs/design.md §8. A crash leaves checkpoints; pickles planted in them (under DeepSpeed's file names, and in
-    place of one rank's tensors) never run: the damaged checkpoint is refused and the rate is trained again from step
-    0, to the uninterrupted run's weights. Then 8 flipped bytes in the finished compressor: train rebuilds it from
-    its last checkpoint instead of reusing it."""
+def test_killed_run_resumes_and_planted_pickles_never_run(train_workspace, zero2_run, monkeypatch, tmp_path):
+    """docs/design.md §8. Every worker dies after step 5 (last checkpoint: step 4). Pickles planted beside the
+    checkpoints under DeepSpeed's file names never run, and the rerun resumes from a checkpoint to the uninterrupted
+    run's weights, bit for bit. Then a pickle in place of one rank's tensors in every checkpoint and 8 flipped bytes in
+    the finished compressor: the compressor is not reused, the damaged checkpoints are refused, nothing runs, and the
+    rate is trained again from step 1 to the same weights."""
     import torch
 
     from stages import train
     from tests.test_integrity import flip_bytes, plant
 
-    config = fresh_work(workspace, "planted")
+    config = fresh_work(train_workspace, "crash")
     monkeypatch.setenv(train.CRASH_ENV, "5")
     with pytest.raises(Exception):
         train.run(config, progress=False)
     monkeypatch.delenv(train.CRASH_ENV)
+    directory = Path(train.compressor_dir(config, RATE))
+    assert not directory.exists()
     marker = tmp_path / "code-ran"
     tensors = sorted((Path(config.work_dir) / "train" / "ray").rglob("rank-1.safetensors"))
     assert tensors  # the crash left checkpoints in the safetensors + JSON format
     for path in tensors:
         for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "latest"):
             plant(path.parent / name, marker)
-        plant(path, marker)
     resumed = train.run(config, progress=False).results[RATE]
-    assert resumed["step"] == 8 and not marker.exists()
+    logged = steps_logged(directory)  # from the last checkpoint Ray Train registered before the crash (2 or 4)
+    assert resumed["step"] == 8 and logged[0] in (3, 5) and logged == list(range(logged[0], 9))
+    assert not marker.exists()
     expected = load_state(train.compressor_dir(zero2_run[0], RATE))
-    directory = Path(train.compressor_dir(config, RATE))
     for key, value in load_state(directory).items():
         assert torch.equal(expected[key], value), key
+
+    for path in (Path(config.work_dir) / "train" / "ray").rglob("rank-1.safetensors"):
+        plant(path, marker)
     flip_bytes(directory / "model.safetensors")
     again = train.run(config, progress=False)
-    assert again.computed == 1 and not marker.exists()
+    assert again.computed == 1 and steps_logged(directory)[0] == 1 and not marker.exists()
     for key, value in load_state(directory).items():
         assert torch.equal(expected[key], value), key
-
-
-def test_zero3_two_workers_match_zero2(workspace, zero2_run):
-    import torch
-
-    from stages import train
-
-    config = fresh_work(workspace, "zero3", zero_stage=3)
-    result = train.run(config, progress=False).results[RATE]
-    assert result["replica_max_abs_diff"] == 0.0
-    assert result["frozen_params_partitioned"] > 0  # the LLM's matrices really are sharded across the workers
-    directory = train.compressor_dir(config, RATE)
-    assert objective(config, directory) < objective(config) - 1e-3
-    # the same optimisation as ZeRO-2, up to the order of float reductions
-    expected = load_state(train.compressor_dir(zero2_run[0], RATE))
-    for key, value in load_state(directory).items():
-        torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-5)
 
 
 def validation_kl(config, directory) -> float:
@@ -241,13 +221,13 @@ def validation_kl(config, directory) -> float:
                              RATE)["kl"])
 
 
-def test_early_stopping_and_candidates_keep_the_lowest_validation_kl(workspace, ray_local):
+def test_early_stopping_and_candidates_keep_the_lowest_validation_kl(train_workspace, ray_local):
     import json
 
     from stages import train
     from stages.outputs import rate_dir
 
-    config = fresh_work(workspace, "candidates", epochs=4, validate_every=2, patience=1, heldout_dialogues=0,
+    config = fresh_work(train_workspace, "candidates", epochs=4, validate_every=2, patience=1, heldout_dialogues=0,
                         validation_dialogues=None, candidates=[{"lr": 1e-7}])
     build_cache(config, "val")
     result = train.run(config, progress=False).results[RATE]
@@ -269,7 +249,7 @@ def test_early_stopping_and_candidates_keep_the_lowest_validation_kl(workspace, 
         assert log[-1]["step"] == (first_worse or 16)
 
 
-def test_cached_and_online_teacher_give_the_same_loss(workspace):
+def test_cached_and_online_teacher_give_the_same_loss(train_workspace):
     import torch
 
     from compress.lvlm import load_adapter
@@ -277,7 +257,7 @@ def test_cached_and_online_teacher_give_the_same_loss(workspace):
     from stages.train.data import CachedSource, OnlineSource
     from stages.train.student import build_student
 
-    config = make_config(workspace, "base")
+    config = make_config(train_workspace, "base")
     adapter = load_adapter(config.model.path)
     student = build_student(adapter, config.train, config.train.seed)
     cached_plan = make_plan(config, "train")

@@ -104,6 +104,23 @@ def pair_frames(frame_patches: list[torch.Tensor], channels: int, temporal: int,
     return torch.cat(steps).reshape(-1, channels * temporal * patch * patch)
 
 
+def video_pixels(image_processor, video: Video, channels: int = 3) -> dict[str, torch.Tensor]:
+    """A decoded ``video`` -> pixel_values_videos (T * H * W, C * temporal * p * p), video_grid_thw (1, 3) and
+    second_per_grid_ts (1,), on the CPU: each frame through the image processor, paired into temporal patches
+    (``pair_frames``). The one rule for inference (``VideoPath.preprocess``) and the reference recipe."""
+    per_frame = [image_processor(images=[f], return_tensors="pt") for f in video.frames]
+    grids = {tuple(o["image_grid_thw"][0].tolist()) for o in per_frame}
+    if len(grids) != 1:
+        raise ValueError(f"video {video.source}: frames resize to different grids {sorted(grids)}; all frames "
+                         "must have one size")
+    _, h, w = grids.pop()
+    temporal = int(image_processor.temporal_patch_size)
+    pixels = pair_frames([o["pixel_values"] for o in per_frame], channels, temporal, int(image_processor.patch_size))
+    steps = -(-len(per_frame) // temporal)
+    return {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[steps, h, w]]),
+            "second_per_grid_ts": torch.tensor([temporal / video.fps])}
+
+
 def step_times(steps: int, interval: torch.Tensor | float) -> list[int]:
     """Temporal rotary position of each step: floor(i * interval) in the dtype transformers' ``get_rope_index``
     multiplies in (float32), so the truncation agrees with the model's own."""
@@ -159,21 +176,11 @@ class VideoPath:
         return Video(frames, 1.0)
 
     def preprocess(self, video) -> dict[str, torch.Tensor]:
-        video = self.load_video(video)
-        vc = self.model.config.vision_config
-        per_frame = [self.image_processor(images=[f], return_tensors="pt") for f in video.frames]
-        grids = {tuple(o["image_grid_thw"][0].tolist()) for o in per_frame}
-        if len(grids) != 1:
-            raise ValueError(f"video {video.source}: frames resize to different grids {sorted(grids)}; all frames "
-                             "must have one size")
-        _, h, w = grids.pop()
-        temporal = int(vc.temporal_patch_size)
-        pixels = pair_frames([o["pixel_values"] for o in per_frame], int(getattr(vc, "in_channels", 3)),
-                             temporal, int(vc.patch_size))
-        steps = -(-len(per_frame) // temporal)
-        return {"pixel_values_videos": pixels.to(self.device, self.dtype),
-                "video_grid_thw": torch.tensor([[steps, h, w]], device=self.device),
-                "second_per_grid_ts": torch.tensor([temporal / video.fps])}
+        out = video_pixels(self.image_processor, self.load_video(video),
+                           int(getattr(self.model.config.vision_config, "in_channels", 3)))
+        return {"pixel_values_videos": out["pixel_values_videos"].to(self.device, self.dtype),
+                "video_grid_thw": out["video_grid_thw"].to(self.device),
+                "second_per_grid_ts": out["second_per_grid_ts"]}
 
     def prepare(self, video) -> EncodedVideo:
         """video (file, ``Video`` or frames) -> its patches and the (t, h, w) layout (no tokens yet)."""

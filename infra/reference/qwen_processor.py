@@ -31,24 +31,11 @@ class QwenImageProcessor:
         """One video (a file or a ``compress.lvlm.video.Video``) -> pixel_values_videos (T * H * W, C * 2 * p * p),
         video_grid_thw (1, 3), second_per_grid_ts (1,): ``VideoPath.preprocess``'s rule (frames through the image
         processor one by one, paired into temporal patches by ``pair_frames``)."""
-        import torch
-
-        from compress.lvlm.video import Video, decode_video, pair_frames
+        from compress.lvlm.video import Video, decode_video, video_pixels
 
         if not isinstance(video, Video):
             video = decode_video(video, self.num_frames, self.fps)
-        ip = self.image_processor
-        per_frame = [ip(images=[f], return_tensors="pt") for f in video.frames]
-        grids = {tuple(o["image_grid_thw"][0].tolist()) for o in per_frame}
-        if len(grids) != 1:
-            raise ValueError(f"video {video.source}: frames resize to different grids {sorted(grids)}; all frames "
-                             "must have one size")
-        _, h, w = grids.pop()
-        temporal = int(ip.temporal_patch_size)
-        pixels = pair_frames([o["pixel_values"] for o in per_frame], 3, temporal, int(ip.patch_size))
-        steps = -(-len(per_frame) // temporal)
-        return {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[steps, h, w]]),
-                "second_per_grid_ts": torch.tensor([temporal / video.fps])}
+        return video_pixels(self.image_processor, video)
 
     def __call__(self, images: list | None = None, text: list[str] | None = None, videos: list | None = None,
                  return_tensors: str = "pt", padding: bool = False, padding_side: str | None = None) -> dict[str, Any]:

@@ -173,17 +173,19 @@ def test_video_mme_bad_annotations_fail_naming_file_and_column(tmp_path, capsys)
     assert "b.jsonl row 0: answer 'E' is not one of the options' letters" in capsys.readouterr().err
 
 
-def test_stages_record_video_dialogues_as_errors_naming_them(tmp_path):
-    """Until the stages drive the video path, a video dialogue in a split is one error record, not a crash in a
-    worker reading an mp4 as an image."""
+def test_stages_read_video_dialogues_with_their_file_and_line(tmp_path):
+    """The stages take video dialogues (a mixed file is refused before any work: tests/test_video_stages.py); each
+    record carries its file:line, which a video's decoding error names."""
     from pipeline.config import config_from_dict
     from stages.common import load_split
 
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "v.mp4").write_bytes(b"x")
     turns = [{"question": "q ?", "answers": ["a"]}]
-    write_jsonl(tmp_path / "d.jsonl", [{"dialogue_id": "img", "image": "a.png", "turns": turns, "source": "s"},
-                                       {"dialogue_id": "vid", "video": "v.mp4", "turns": turns, "source": "s"}])
-    records, bad = load_split(config_from_dict({"data": {"train": str(tmp_path / "d.jsonl")}}), "train", None)
-    assert [r["dialogue_id"] for r in records] == ["img"]
-    assert bad[0][0] == "vid" and "has a video; the stages run image dialogues only" in bad[0][1]
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"dialogue_id": "img", "image": "a.png", "turns": turns, "source": "s"},
+                       {"dialogue_id": "vid", "video": "v.mp4", "turns": turns, "source": "s"}])
+    records, bad = load_split(config_from_dict({"data": {"train": str(path)}}), "train", None)
+    assert bad == [] and [r["dialogue_id"] for r in records] == ["img", "vid"]
+    assert [r["where"] for r in records] == [f"{path}:1", f"{path}:2"]
+    assert records[1]["image"] == str(tmp_path / "v.mp4")  # the stages' one media field, a video's file here

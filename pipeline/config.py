@@ -27,26 +27,27 @@ class ModelConfig:
 
 
 @dataclass
-class MTShapesSpec:
-    """Generate MT-Shapes into ``<work_dir>/data/mt-shapes`` (once) and use its splits as data.train/val/test."""
+class GeneratedData:
+    """A synthetic benchmark generated into ``<work_dir>/data/<name>`` (once), its splits used as data.train/val/test."""
 
     dialogues: int = 1200  # all splits together
     val: int = 50
     test: int = 100
     seed: int = 0
     image_size: int = 96
+
+
+@dataclass
+class MTShapesSpec(GeneratedData):
+    """MT-Shapes, into ``<work_dir>/data/mt-shapes``."""
+
     random_aspect: bool = False  # several aspect ratios (LLaVA-NeXT)
 
 
 @dataclass
-class MTVideoSpec:
-    """Generate MT-Video into ``<work_dir>/data/mt-video`` (once) and use its splits as data.train/val/test."""
+class MTVideoSpec(GeneratedData):
+    """MT-Video, into ``<work_dir>/data/mt-video``."""
 
-    dialogues: int = 1200  # all splits together
-    val: int = 50
-    test: int = 100
-    seed: int = 0
-    image_size: int = 96
     frames: int = 8  # frames per video file
     fps: int = 4  # of the file
 

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,6 +295,55 @@ def model_actor(cls, num_gpus: float, num_cpus: float = 1, max_concurrency: int 
                       scheduling_strategy="SPREAD", max_concurrency=max_concurrency)(cls)
 
 
+# The running stage's model actors by constructor arguments, while ``actors_kept_for_stage`` is active (else None).
+_kept: dict[str, list] | None = None
+
+
+@contextmanager
+def actors_kept_for_stage():
+    """Within the block a stage's model actors serve each of its splits: a model loads once per stage, not once per
+    split (docs/design.md §6.1). On exit they end, which frees their GPUs for the next stage."""
+    global _kept
+    _kept = {}
+    try:
+        yield
+    finally:
+        _end_kept()
+        _kept = None
+
+
+def _end_kept() -> None:
+    import ray
+
+    for actor in [a for actors in _kept.values() for a in actors]:
+        ray.kill(actor)
+    _kept.clear()
+
+
+def stage_actors(stage: str, actor_cls, args: tuple, count: int) -> list:
+    """``count`` handles of ``actor_cls.remote(*args)``: the running stage's kept actors made with the same
+    arguments first, new ones for the rest. Outside ``actors_kept_for_stage`` all are new (they end with their
+    handles). Arguments must be the same for every split: per-split paths go with each call."""
+    if _kept is None:
+        return [actor_cls.remote(*args) for _ in range(count)]
+    key = stage + json.dumps(args, sort_keys=True, default=str)
+    if key not in _kept:
+        _end_kept()  # another stage, or other settings: their actors would only hold CPUs and GPUs
+        _kept[key] = []
+    actors = _kept[key]
+    actors += [actor_cls.remote(*args) for _ in range(count - len(actors))]
+    return actors[:count]
+
+
+def per_split(cache: dict, args: dict, make: Callable[[], object]):
+    """An actor's object for one split's arguments (its output, its feature reader), made on first use: one actor
+    serves every split of its stage."""
+    key = json.dumps(args, sort_keys=True, default=str)
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 class StageFailed(RuntimeError):
     pass
 
@@ -315,15 +365,15 @@ class StageReport:
                 + (f", {rate:.2f} records/s" if self.computed else "") + f" -> {self.uri}")
 
 
-def run_sharded(out: StageOutput, num_shards: int, total_records: int, make_actor: Callable[[], object],
+def run_sharded(out: StageOutput, num_shards: int, total_records: int, actors: Callable[[int], list],
                 num_actors: int, task_args: Callable[[int], tuple], max_error_fraction: float,
                 progress: bool = True, tasks_per_actor: int = 1) -> StageReport:
     """Compute the missing (or corrupt) shards of a prepared ``out`` on a pool of actors, record per-record errors,
     finish.
 
-    ``make_actor()`` returns a Ray actor handle with a ``run_shard(*task_args(i))`` method that writes shard ``i``
-    itself and returns ``{"records": int, "errors": [[record_id, reason], ...]}``. ``tasks_per_actor``: shards
-    given to each actor at once (its class made with that ``max_concurrency``).
+    ``actors(n)`` returns n Ray actor handles (``stage_actors``) with a ``run_shard(*task_args(i))`` method that
+    writes shard ``i`` itself and returns ``{"records": int, "errors": [[record_id, reason], ...]}``.
+    ``tasks_per_actor``: shards given to each actor at once (its class made with that ``max_concurrency``).
     """
     from ray.util import ActorPool
     from tqdm import tqdm
@@ -332,8 +382,7 @@ def run_sharded(out: StageOutput, num_shards: int, total_records: int, make_acto
     todo = out.missing_shards(num_shards)
     records = 0
     if todo:
-        actors = [make_actor() for _ in range(min(num_actors, len(todo)))]
-        pool = ActorPool([a for a in actors for _ in range(tasks_per_actor)])
+        pool = ActorPool([a for a in actors(min(num_actors, len(todo))) for _ in range(tasks_per_actor)])
         results = pool.map_unordered(lambda actor, i: actor.run_shard.remote(*task_args(i)), todo)
         for result in tqdm(results, total=len(todo), desc=out.stage, unit="shard", disable=not progress):
             records += result["records"]

@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pipeline.config import PipelineConfig
 from pipeline.shards import StageOutput
 from pipeline.tensor_columns import quantize_int8
-from stages.common import StageReport, load_split, model_actor, run_sharded, shard_ranges, split_limit, video_sampling
+from stages.common import (StageReport, load_split, model_actor, per_split, run_sharded, shard_ranges, split_limit,
+                           stage_actors, video_sampling)
 from stages.outputs import EXTRACT as STAGE  # noqa: F401  (each stage module names itself)
 from stages.outputs import extract_args as output_args
 from stages.outputs import extract_uri as output_uri  # noqa: F401  (this stage's own output, for callers)
@@ -86,7 +87,7 @@ class FeatureExtractor:
     """One per model actor: holds the model, writes whole shards (two at once: one's write overlaps the next one's
     tower, which a lock keeps to one batch at a time)."""
 
-    def __init__(self, model_path: str, dtype: str, device: str, out_args: dict, cache: str = "post_projector",
+    def __init__(self, model_path: str, dtype: str, device: str, cache: str = "post_projector",
                  quantize: str = "none", batch_size: int = 1, cpu_workers: int = 0, video: dict | None = None) -> None:
         import torch
 
@@ -100,7 +101,7 @@ class FeatureExtractor:
         self.video = video
         self.store_dtype = getattr(torch, storage_dtype(dtype))
         self.post_dtype, self.cache, self.quantize = storage_dtype(dtype), cache, quantize
-        self.out = StageOutput(**out_args)
+        self.outs: dict[str, StageOutput] = {}  # per split (stages.common.per_split)
         self.batch_size = max(1, batch_size)
         self.batched = self.adapter.family in BATCHED_FAMILIES and \
             isinstance(self.adapter.model.config.vision_feature_layer, int)
@@ -221,7 +222,7 @@ class FeatureExtractor:
             return list(dict.fromkeys(d["image"] for d in dialogues if int(d["ref_shard"]) == index))
         return list(dict.fromkeys(d["image"] for d in dialogues))
 
-    def run_shard(self, index: int, dialogues: list[dict]) -> dict:
+    def run_shard(self, out_args: dict, index: int, dialogues: list[dict]) -> dict:
         encoded: dict = {}
         for batch in self._prepared_batches(self._tower_images(index, dialogues)):
             encoded.update(self._encode(batch))
@@ -244,7 +245,7 @@ class FeatureExtractor:
             rows.append({"dialogue_id": dialogue["dialogue_id"], "image": dialogue["image"],
                          "n_tokens": int(x.shape[0]), "layout": json.dumps(layout.to_dict()),
                          "features": x.detach().to("cpu", self.store_dtype)})
-        self.out.write_shard(index, rows)
+        per_split(self.outs, out_args, lambda: StageOutput(**out_args)).write_shard(index, rows)
         return {"records": len(rows), "errors": errors}
 
     def _reason(self, dialogue: dict, error: str) -> str:
@@ -290,10 +291,11 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     video = video_sampling(config)
     return run_sharded(
         out, len(ranges), len(records) + len(bad),
-        make_actor=lambda: actor_cls.remote(config.model.path, config.model.dtype, device_for(gpus), out_args,
-                                            config.extract.cache, config.extract.quantize, config.extract.batch_size,
-                                            config.extract.cpu_workers, video),
-        num_actors=config.extract.num_actors, task_args=lambda i: (i, slim[ranges[i][0]:ranges[i][1]]),
+        actors=lambda n: stage_actors(STAGE, actor_cls, (config.model.path, config.model.dtype, device_for(gpus),
+                                                          config.extract.cache, config.extract.quantize,
+                                                          config.extract.batch_size, config.extract.cpu_workers,
+                                                          video), n),
+        num_actors=config.extract.num_actors, task_args=lambda i: (out_args, i, slim[ranges[i][0]:ranges[i][1]]),
         max_error_fraction=config.shards.max_error_fraction, progress=progress, tasks_per_actor=2)
 
 

@@ -10,24 +10,22 @@ from __future__ import annotations
 
 from pipeline.config import PipelineConfig
 from pipeline.shards import StageOutput
-from stages.common import (FeatureReader, StageReport, encoded_image, load_split, model_actor, run_sharded,
-                           shard_ranges, split_limit, stage_adapter, video_sampling)
+from stages.common import (FeatureReader, StageReport, encoded_image, load_split, model_actor, per_split,
+                           run_sharded, shard_ranges, split_limit, stage_actors, stage_adapter, video_sampling)
 from stages.outputs import TEACHER as STAGE
 from stages.outputs import finished_extract_args
 from stages.outputs import teacher_args as output_args
 
 
 class TeacherWorker:
-    def __init__(self, model_path: str, dtype: str, device: str, teacher: dict, out_args: dict,
-                 feature_args: dict, video: dict | None = None) -> None:
+    def __init__(self, model_path: str, dtype: str, device: str, teacher: dict, video: dict | None = None) -> None:
         from pipeline.env import apply_defaults
 
         apply_defaults()
         # ``video``: the cached tokens are a video's, prompted with the model's video placeholder (docs/design.md §5)
         self.adapter = stage_adapter(model_path, device, dtype, video)
         self.teacher = teacher
-        self.out = StageOutput(**out_args)
-        self.features = FeatureReader(feature_args, self.adapter)  # projects a pre-projector cache
+        self.per_split: dict[str, object] = {}  # outputs and feature readers (stages.common.per_split)
 
     def _dialogue_batch(self, features: list, dialogues: list[dict]) -> list[dict]:
         import torch
@@ -57,8 +55,10 @@ class TeacherWorker:
                          "tail_logmass": [tail[m].float() for m in per_turn]})
         return rows
 
-    def run_shard(self, index: int, dialogues: list[dict]) -> dict:
-        cached = {r["dialogue_id"]: r for r in self.features.read_records(index)}
+    def run_shard(self, out_args: dict, feature_args: dict, index: int, dialogues: list[dict]) -> dict:
+        # the reader projects a pre-projector cache
+        features = per_split(self.per_split, feature_args, lambda: FeatureReader(feature_args, self.adapter))
+        cached = {r["dialogue_id"]: r for r in features.read_records(index)}
         present = [d for d in dialogues if d["dialogue_id"] in cached]  # the rest failed in extract
         encoded = [encoded_image(cached[d["dialogue_id"]], self.adapter.device, self.adapter.dtype) for d in present]
         rows = []
@@ -73,7 +73,7 @@ class TeacherWorker:
                 rows += self._dialogue_batch([encoded[j] for j in chunk], [present[j] for j in chunk])
         order = {d["dialogue_id"]: j for j, d in enumerate(present)}
         rows.sort(key=lambda r: order[r["dialogue_id"]])
-        self.out.write_shard(index, rows)
+        per_split(self.per_split, out_args, lambda: StageOutput(**out_args)).write_shard(index, rows)
         return {"records": len(rows), "errors": []}  # dialogues extract could not read are recorded there
 
 
@@ -96,7 +96,8 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     video = video_sampling(config)
     return run_sharded(
         out, len(ranges), len(records),
-        make_actor=lambda: actor_cls.remote(config.model.path, config.model.dtype, device_for(gpus), teacher,
-                                            out_args, feature_args, video),
-        num_actors=config.extract.num_actors, task_args=lambda i: (i, records[ranges[i][0]:ranges[i][1]]),
+        actors=lambda n: stage_actors(STAGE, actor_cls, (config.model.path, config.model.dtype, device_for(gpus),
+                                                          teacher, video), n),
+        num_actors=config.extract.num_actors,
+        task_args=lambda i: (out_args, feature_args, i, records[ranges[i][0]:ranges[i][1]]),
         max_error_fraction=config.shards.max_error_fraction, progress=progress)

@@ -65,7 +65,7 @@ for model_dtype, compressor_dtype, zero_stage in json.loads(sys.argv[2]):
     directory = f"{root}/compressor-{model_dtype}-{compressor_dtype}-{zero_stage}"
     _save_atomic(final_compressor(student.compressor.config, full_fp32_state(student.compressor), compressor_dtype),
                  directory)
-    worker = EvalWorker(str(model_dir), model_dtype, "cpu", {}, None)
+    worker = EvalWorker(str(model_dir), model_dtype, "cpu", {})
     module = worker._compressor(directory)
     method = get_method("metacompress", module)
     eval_p = []

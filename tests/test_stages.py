@@ -172,3 +172,32 @@ def test_driver_killed_mid_stage_then_rerun_matches_uninterrupted(workspace, ray
     report = extract.run(config, "train", progress=False)
     assert report.computed == 10 - written
     assert shard_bytes(str(out_dir)) == shard_bytes(extract.output_uri(reference, "train"))
+
+
+def test_a_stage_keeps_its_model_actors_across_splits_and_ends_them(workspace, ray_local):
+    from ray._private.state import actors  # the GCS's actor table (ray.util.state needs the dashboard)
+
+    from stages import extract, teacher
+    from stages.common import actors_kept_for_stage
+
+    def alive(name: str) -> set[str]:
+        return {k for k, a in actors().items() if a["ActorClassName"] == name and a["State"] == "ALIVE"}
+
+    plain, kept = make_config(workspace), make_config(workspace, work="kept")
+    for name, stage in (("FeatureExtractor", extract), ("TeacherWorker", teacher)):
+        before = alive(name)
+        with actors_kept_for_stage():
+            seen = []
+            for split in ("train", "test"):
+                assert stage.run(kept, split, progress=False).computed > 0
+                seen.append(alive(name) - before)
+            assert seen[0] and seen[0] == seen[1]  # the model loaded once for both splits
+        deadline = time.monotonic() + 60
+        while alive(name) & seen[0] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive(name) & seen[0]  # ended with the stage: their CPUs and GPUs are free for the next one
+    for split in ("train", "test"):  # each split read and wrote its own shards, as one actor per split does
+        extract.run(plain, split, progress=False)
+        teacher.run(plain, split, progress=False)
+        assert shard_bytes(teacher.output_args(kept, split)["uri"]) == \
+            shard_bytes(teacher.output_args(plain, split)["uri"])

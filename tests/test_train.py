@@ -21,20 +21,20 @@ def build_cache(config, split: str) -> None:
     ranges = shard_ranges(len(records), config.shards.dialogues_per_shard)
     f_args = extract.output_args(config, split)
     StageOutput(**f_args).prepare(config.to_dict())
-    worker = extract.FeatureExtractor(config.model.path, config.model.dtype, "cpu", f_args)
+    worker = extract.FeatureExtractor(config.model.path, config.model.dtype, "cpu")
     for i, (a, b) in enumerate(ranges):
-        worker.run_shard(i, [{"dialogue_id": r["dialogue_id"], "image": r["image"]} for r in records[a:b]])
+        worker.run_shard(f_args, i, [{"dialogue_id": r["dialogue_id"], "image": r["image"]} for r in records[a:b]])
     StageOutput(**f_args).finish(len(ranges))
     manifest = read_completed(f_args["uri"])
     t_args = teacher.output_args(config, split)
     StageOutput(**t_args).prepare(config.to_dict())
     tw = teacher.TeacherWorker(config.model.path, config.model.dtype, "cpu",
                                {"top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
-                                "batch_size": config.evaluate.batch_size}, t_args,
-                               dict(uri=f_args["uri"], stage=extract.STAGE, config_hash=manifest["config_hash"],
-                                    input_hash=manifest["input_hash"], fmt=config.shards.format))
+                                "batch_size": config.evaluate.batch_size})
+    feature_args = dict(uri=f_args["uri"], stage=extract.STAGE, config_hash=manifest["config_hash"],
+                        input_hash=manifest["input_hash"], fmt=config.shards.format)
     for i, (a, b) in enumerate(ranges):
-        tw.run_shard(i, records[a:b])
+        tw.run_shard(t_args, feature_args, i, records[a:b])
     StageOutput(**t_args).finish(len(ranges))
 
 

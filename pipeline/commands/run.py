@@ -182,6 +182,7 @@ def run_pipeline(config: PipelineConfig, stage_names: list[str], progress: bool 
     from pipeline import tracking
     from pipeline.cluster import init_ray
     from pipeline.lease import Lease
+    from stages.common import actors_kept_for_stage
 
     if not checked:
         preflight(config, stage_names)
@@ -203,11 +204,12 @@ def run_pipeline(config: PipelineConfig, stage_names: list[str], progress: bool 
         try:
             with tracking.pipeline_run(config):
                 for name in stage_names:
-                    for split in STAGES[name][1]:
-                        report = run_stage(config, name, split, progress)
-                        print(report.line(), flush=True)
-                        logging.getLogger("metacompress.report").info(report.line())  # the log file too
-                        reports.append(report)
+                    with actors_kept_for_stage():  # a model loads once per stage, not per split
+                        for split in STAGES[name][1]:
+                            report = run_stage(config, name, split, progress)
+                            print(report.line(), flush=True)
+                            logging.getLogger("metacompress.report").info(report.line())  # the log file too
+                            reports.append(report)
         finally:
             if started_ray:  # the Ray processes this run started end with it
                 ray.shutdown()

@@ -11,7 +11,8 @@ from pipeline.config import PipelineConfig
 from pipeline.hashing import config_hash
 from pipeline.reports import results_markdown
 from pipeline.shards import StageOutput
-from stages.common import StageFailed, StageReport, load_split, model_actor, shard_ranges, video_sampling
+from stages.common import (StageFailed, StageReport, load_split, model_actor, shard_ranges, stage_actors,
+                           video_sampling)
 from stages.evaluate.judging import check_judged, judge_rows
 from stages.evaluate.planning import Job, plan
 from stages.evaluate.promotion import track
@@ -59,14 +60,14 @@ def _compute(config: PipelineConfig, jobs: list[Job], outs: dict[str, StageOutpu
     gpus = actor_gpus(config, STAGE)
     actor_cls = model_actor(EvalWorker, gpus, config.resources.evaluate.num_cpus)  # restarted when it dies
     video = video_sampling(config)
-    pool = ActorPool([actor_cls.remote(config.model.path, config.model.dtype, device_for(gpus), options, feature_args,
-                                       video) for _ in range(min(ev.num_actors, len(todo)))])
+    pool = ActorPool(stage_actors(STAGE, actor_cls, (config.model.path, config.model.dtype, device_for(gpus), options,
+                                                     video), min(ev.num_actors, len(todo))))
     slim = [{k: d[k] for k in ("dialogue_id", "image", "source", "questions", "answers", "where")} for d in records]
 
     def submit(actor, item):
         job, i = item
         payload = {"key": job.key, "method": job.method, "rate": job.rate, "compressor": job.compressor,
-                   "out_args": job.out_args, "seed": job.run_seed}
+                   "out_args": job.out_args, "seed": job.run_seed, "features": feature_args}
         return actor.run_shard.remote(payload, i, slim[ranges[i][0]:ranges[i][1]])
 
     done = 0

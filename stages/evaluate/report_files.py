@@ -45,7 +45,7 @@ def _encode_on_actor(config: PipelineConfig, paths: list[str]) -> list:
 
     gpus = actor_gpus(config, EVALUATE)
     actor = model_actor(EvalWorker, gpus, config.resources.evaluate.num_cpus).remote(
-        config.model.path, config.model.dtype, device_for(gpus), {}, None)
+        config.model.path, config.model.dtype, device_for(gpus), {})
     try:
         return ray.get(actor.encode_images.remote(paths))
     finally:

@@ -8,7 +8,7 @@ from collections import Counter
 from pipeline.datasets.common import cut_at_stop
 from pipeline.metrics import JUDGED_SOURCES, score
 from pipeline.shards import StageOutput
-from stages.common import FeatureReader, encoded_image, stage_adapter
+from stages.common import FeatureReader, encoded_image, per_split, stage_adapter
 
 STAT_FIELDS = ("vision_s", "reduce_s", "prefill_s", "decode_s", "ttft_s", "total_s", "peak_memory_bytes",
                "prefill_tokens", "prefill_flops", "kv_cache_len", "visual_tokens", "new_tokens")
@@ -22,15 +22,14 @@ def reference_answer(answers: list[str]) -> str:
 class EvalWorker:
     """One per actor: holds the LVLM (and the compressors it was asked for), writes whole shards."""
 
-    def __init__(self, model_path: str, dtype: str, device: str, options: dict, feature_args: dict | None,
-                 video: dict | None = None) -> None:
+    def __init__(self, model_path: str, dtype: str, device: str, options: dict, video: dict | None = None) -> None:
         from pipeline.env import apply_defaults
 
         apply_defaults()
         self.adapter = stage_adapter(model_path, device, dtype, video)  # ``video``: the dialogues hold videos
         self.video = video
         self.options = options
-        self.features = FeatureReader(feature_args, self.adapter) if feature_args else None
+        self.readers: dict[str, FeatureReader] = {}  # per split (stages.common.per_split)
         self.compressors: dict[str, object] = {}
 
     def _compressor(self, directory: str | None, method: str = "metacompress"):
@@ -64,15 +63,17 @@ class EvalWorker:
                 out.append(str(err))
         return out
 
-    def _inputs(self, index: int, dialogues: list[dict], vision: bool) -> tuple[list, list[list[str]]]:
+    def _inputs(self, feature_args: dict | None, index: int, dialogues: list[dict],
+                vision: bool) -> tuple[list, list[list[str]]]:
         """Per dialogue the image input of the session (an EncodedImage of cached features, or the decoded image),
         None for a dialogue whose image cannot be read; and the errors."""
         from compress.lvlm.base import load_image
 
         inputs, errors = [], []
         cached = {}
-        if self.features is not None and not vision:
-            cached = {r["dialogue_id"]: r for r in self.features.read_records(index)}
+        if feature_args is not None and not vision:
+            reader = per_split(self.readers, feature_args, lambda: FeatureReader(feature_args, self.adapter))
+            cached = {r["dialogue_id"]: r for r in reader.read_records(index)}
         for d in dialogues:
             if d["dialogue_id"] in cached:
                 inputs.append(encoded_image(cached[d["dialogue_id"]], self.adapter.device, self.adapter.dtype))
@@ -128,7 +129,7 @@ class EvalWorker:
             method = (seeded_method(job["method"], job["seed"]) if job["method"] in STOCHASTIC_METHODS else
                       get_method(job["method"], self._compressor(job["compressor"], job["method"])))
             if inputs is None:
-                inputs, errors = self._inputs(index, dialogues, method.kind == "vision")
+                inputs, errors = self._inputs(job["features"], index, dialogues, method.kind == "vision")
                 for j, x in enumerate(inputs):
                     if x is not None:
                         by_group.setdefault((dialogues[j]["source"], len(dialogues[j]["questions"])), []).append(j)

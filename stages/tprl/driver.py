@@ -220,10 +220,9 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
         try:
             out = StageOutput(**prep)
             if not out.is_complete():
-                pool = iter(get_actors() * len(ranges))
                 out.prepare({"tprl": asdict(tc), "model": config.model.path}, overwrite=config.shards.overwrite)
                 slim = [{k: r[k] for k in ("dialogue_id", "source", "questions", "answers")} for r in records]
-                run_sharded(out, len(ranges), len(records), make_actor=lambda: next(pool), num_actors=tc.num_actors,
+                run_sharded(out, len(ranges), len(records), actors=lambda n: get_actors()[:n], num_actors=tc.num_actors,
                             task_args=lambda i: (i, slim[ranges[i][0]:ranges[i][1]]),
                             max_error_fraction=config.shards.max_error_fraction, progress=progress)
             prepared = _read_prepared(out, len(ranges))

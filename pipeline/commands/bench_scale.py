@@ -192,23 +192,22 @@ def _simulated_extract(args, shapes: Shapes, layout: str, timing: dict, out) -> 
     (sleep), shard writes on their own threads. Returns images/s and the tower's busy share."""
     arrays = _feature_arrays(args, shapes, layout)
 
-    def prepare(i: int):
-        time.sleep(timing["preprocess_ms"] / 1e3)
-        return arrays[i % len(arrays)]
+    def prepare(first: int):  # one CPU worker prepares a whole batch, as an ImagePrep actor does
+        count = min(args.batch_size, args.images - first)
+        time.sleep(timing["preprocess_ms"] * count / 1e3)
+        return [arrays[i % len(arrays)] for i in range(first, first + count)]
 
+    firsts = list(range(0, args.images, args.batch_size))
     sink = _ShardSink(args, shapes, layout, out, arrays[0])
     busy = 0.0
     with ThreadPoolExecutor(max_workers=args.cpu_workers) as pool:
-        pending = [pool.submit(prepare, i) for i in range(min(args.images, 2 * args.cpu_workers))]
-        nxt = len(pending)
+        # requested max(2, workers) batches ahead, as FeatureExtractor._prepared_batches
+        pending = [pool.submit(prepare, f) for f in firsts[:max(2, args.cpu_workers)]]
         start = time.perf_counter()
-        for first in range(0, args.images, args.batch_size):
-            batch = []
-            for _ in range(min(args.batch_size, args.images - first)):
-                batch.append(pending.pop(0).result())
-                if nxt < args.images:
-                    pending.append(pool.submit(prepare, nxt))
-                    nxt += 1
+        for k, first in enumerate(firsts):
+            batch = pending.pop(0).result()
+            if k + len(pending) + 1 < len(firsts):
+                pending.append(pool.submit(prepare, firsts[k + len(pending) + 1]))
             t0 = time.perf_counter()
             time.sleep(timing["tower_ms"] * len(batch) / 1e3)  # the tower: no batching speed-up assumed
             busy += time.perf_counter() - t0

@@ -295,8 +295,8 @@ def model_actor(cls, num_gpus: float, num_cpus: float = 1, max_concurrency: int 
                       scheduling_strategy="SPREAD", max_concurrency=max_concurrency)(cls)
 
 
-# The running stage's model actors by constructor arguments, while ``actors_kept_for_stage`` is active (else None).
-_kept: dict[str, list] | None = None
+# The running stage's model actors by (stage, constructor arguments), while ``actors_kept_for_stage`` is active.
+_kept: dict[tuple[str, str], list] | None = None
 
 
 @contextmanager
@@ -326,13 +326,22 @@ def stage_actors(stage: str, actor_cls, args: tuple, count: int) -> list:
     handles). Arguments must be the same for every split: per-split paths go with each call."""
     if _kept is None:
         return [actor_cls.remote(*args) for _ in range(count)]
-    key = stage + json.dumps(args, sort_keys=True, default=str)
+    key = (stage, json.dumps(args, sort_keys=True, default=str))
     if key not in _kept:
         _end_kept()  # another stage, or other settings: their actors would only hold CPUs and GPUs
         _kept[key] = []
     actors = _kept[key]
     actors += [actor_cls.remote(*args) for _ in range(count - len(actors))]
     return actors[:count]
+
+
+def kept_actor(stage: str):
+    """One of ``stage``'s kept actors, or None: work besides the shards (the report's images) goes to it, since a new
+    actor could wait forever for the CPUs and GPUs the kept ones hold."""
+    for (name, _), actors in (_kept or {}).items():
+        if name == stage and actors:
+            return actors[0]
+    return None
 
 
 def per_split(cache: dict, args: dict, make: Callable[[], object]):

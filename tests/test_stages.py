@@ -201,3 +201,31 @@ def test_a_stage_keeps_its_model_actors_across_splits_and_ends_them(workspace, r
         teacher.run(plain, split, progress=False)
         assert shard_bytes(teacher.output_args(kept, split)["uri"]) == \
             shard_bytes(teacher.output_args(plain, split)["uri"])
+
+
+def test_report_images_go_to_the_stages_kept_actor_not_a_new_one(workspace, ray_local):
+    """With the evaluate stage's kept actors holding every CPU, the report's image encoding must not wait for one."""
+    import threading
+
+    import torch
+
+    from compress.lvlm import load_adapter
+    from pipeline.dialogues import load_dialogues
+    from stages.common import actors_kept_for_stage, model_actor, stage_actors
+    from stages.evaluate.report_files import _encode_on_actor
+    from stages.evaluate.worker import EvalWorker
+    from stages.outputs import EVALUATE
+
+    config = make_config(workspace)
+    image = load_dialogues(config.data.test)[0].image
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    got: list = []
+    with actors_kept_for_stage():
+        stage_actors(EVALUATE, model_actor(EvalWorker, 0, 1), (config.model.path, config.model.dtype, "cpu", {}, None),
+                     cpus)
+        worker = threading.Thread(target=lambda: got.extend(_encode_on_actor(config, [image])), daemon=True)
+        worker.start()
+        worker.join(timeout=180)
+    assert got, "the encoding waited for a CPU held by the stage's own actors"
+    expected = load_adapter(config.model.path).encode(image).tokens.float()
+    torch.testing.assert_close(got[0][0], expected)

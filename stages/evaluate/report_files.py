@@ -34,15 +34,18 @@ def _cached_features(config: PipelineConfig, split: str, ids: list[str]) -> dict
 
 
 def _encode_on_actor(config: PipelineConfig, paths: list[str]) -> list:
-    """``EvalWorker.encode_images`` on one evaluate actor (the stage's resources), which is then ended: the driver
-    never loads the LVLM (docs/design.md §6.4)."""
+    """``EvalWorker.encode_images`` on one of the stage's kept actors, else on a new evaluate actor (the stage's
+    resources) that is then ended: the driver never loads the LVLM (docs/design.md §6.4)."""
     import ray
 
     from pipeline.cluster import actor_gpus, device_for
-    from stages.common import model_actor
+    from stages.common import kept_actor, model_actor
     from stages.evaluate.worker import EvalWorker
     from stages.outputs import EVALUATE
 
+    kept = kept_actor(EVALUATE)
+    if kept is not None:
+        return ray.get(kept.encode_images.remote(paths))
     gpus = actor_gpus(config, EVALUATE)
     actor = model_actor(EvalWorker, gpus, config.resources.evaluate.num_cpus).remote(
         config.model.path, config.model.dtype, device_for(gpus), {})

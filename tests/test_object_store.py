@@ -128,8 +128,10 @@ def test_main_job_on_s3_killed_during_train_then_resumed(s3, tmp_path):
                                  start_new_session=True)
         deadline = time.monotonic() + 400
         while first.poll() is None and time.monotonic() < deadline:
-            if any(k.startswith(f"{prefix}train/ray/") and k.endswith("rank-0.json") for k in objects(s3, prefix)):
-                break  # train's first checkpoint is on the store
+            keys = objects(s3, prefix)
+            if any(k.startswith(f"{prefix}train/ray/") and k.endswith("rank-0.json") for k in keys) and \
+                    any(k.endswith("checkpoint_manager_snapshot.json") for k in keys):
+                break  # train's first checkpoint is on the store and Ray Train has registered it
             time.sleep(0.2)
         os.killpg(first.pid, 9)  # the driver and everything it started
         first.wait()

@@ -183,7 +183,7 @@ def test_a_stage_keeps_its_model_actors_across_splits_and_ends_them(workspace, r
     def alive(name: str) -> set[str]:
         return {k for k, a in actors().items() if a["ActorClassName"] == name and a["State"] == "ALIVE"}
 
-    plain, kept = make_config(workspace), make_config(workspace, work="kept")
+    plain, kept = make_config(workspace, work="kept_plain"), make_config(workspace, work="kept")
     for name, stage in (("FeatureExtractor", extract), ("TeacherWorker", teacher)):
         before = alive(name)
         with actors_kept_for_stage():

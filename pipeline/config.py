@@ -124,6 +124,7 @@ class TrainCandidate:
     lr: float | None = None
     optimizer: Literal["sgd", "adamw"] | None = None
     generator: Literal["paper", "normed", "auto"] | None = None
+    plateau_start: float | None = None
 
     def overrides(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -174,6 +175,9 @@ class TrainConfig:
     patience: int = 0
     # Each validation without a new best multiplies the learning rate by this (1: constant; docs/design.md §4.2).
     lr_decay_on_plateau: float = 1.0
+    # The share of the planned steps whose validations keep the best weights but neither count toward patience nor
+    # decay the rate (Keras's start_from_epoch): the validation KL of the first epochs jumps (docs/design.md §4.2).
+    plateau_start: float = 0.0
     validation_dialogues: int | None = 64
     # Settings tried besides this section's own, per rate; the lowest validation KL wins (needs validate_every > 0).
     candidates: list[TrainCandidate] = field(default_factory=list)
@@ -538,6 +542,9 @@ def validate(config: PipelineConfig) -> PipelineConfig:
          "for the whole test split"),
         (0.0 < config.train.lr_decay_on_plateau <= 1.0,
          f"train.lr_decay_on_plateau = {config.train.lr_decay_on_plateau}: must be in (0, 1] (1: constant rate)"),
+        (all(0.0 <= v < 1.0 for v in [config.train.plateau_start] + [
+            c.plateau_start for c in config.train.candidates if c.plateau_start is not None]),
+         "train.plateau_start (and a candidate's) must be in [0, 1): a share of the planned steps"),
         (config.train.validate_every >= 0 and config.train.patience >= 0,
          "train.validate_every and train.patience must be >= 0 (0: no validation / no early stop)"),
         (config.train.validation_dialogues is None or config.train.validation_dialogues >= 1,
@@ -547,7 +554,7 @@ def validate(config: PipelineConfig) -> PipelineConfig:
          "train.candidates and train.patience choose on the validation KL: set train.validate_every > 0 too"),
         (all(c.overrides() for c in config.train.candidates),
          "train.candidates: an entry sets nothing; give at least one of entropy_weight, collapse_weight, lr, "
-         "optimizer, generator"),
+         "optimizer, generator, plateau_start"),
         (config.train.max_failures >= -1, "train.max_failures must be >= 0 (or -1: retry forever)"),
         (config.evaluate.num_actors > 0, "evaluate.num_actors must be positive"),
         (config.evaluate.batch_size > 0 and config.evaluate.max_new_tokens > 0,

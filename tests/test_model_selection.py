@@ -32,6 +32,16 @@ def test_plateau_decay_halves_the_rate_after_each_validation_without_a_new_best_
     assert EarlyStopping.from_dict(3, {"best_kl": 1.0}).lr_scale == 1.0  # a checkpoint from before the option
 
 
+def test_validations_of_the_warm_up_keep_the_best_but_neither_count_nor_decay():
+    from stages.train.validation import EarlyStopping
+
+    stop = EarlyStopping(patience=1, decay=0.5)
+    warm = [stop.update(kl, step, count=False) for kl, step in [(2.0, 10), (3.0, 20), (1.5, 30), (4.0, 40)]]
+    assert warm == [True, False, True, False]
+    assert (stop.best_kl, stop.best_step, stop.stale, stop.lr_scale, stop.stop) == (1.5, 30, 0, 1.0, False)
+    assert not stop.update(1.5, 50) and stop.stop and stop.lr_scale == 0.5  # the first counted one
+
+
 def test_choose_takes_the_lowest_validation_kl_and_the_first_on_ties():
     from stages.train.driver import choose
 
@@ -45,14 +55,19 @@ def test_candidates_apply_their_settings_and_drop_duplicates():
 
     base = {"model": {"path": "m"}, "train": {"validate_every": 5, "entropy_weight": 1.0, "collapse_weight": 1.0}}
     config = config_from_dict({**base, "train": {**base["train"], "candidates": [
-        {"entropy_weight": 0.1, "collapse_weight": 0.1}, {"entropy_weight": 1.0}, {"lr": 0.01}]}})
+        {"entropy_weight": 0.1, "collapse_weight": 0.1}, {"entropy_weight": 1.0}, {"lr": 0.01},
+        {"entropy_weight": 0.1, "collapse_weight": 0.1, "plateau_start": 0.5}]}})
     variants = candidate_configs(config)
-    assert [(v.train.entropy_weight, v.train.collapse_weight, v.train.lr) for v in variants] == \
-        [(1.0, 1.0, 1e-3), (0.1, 0.1, 1e-3), (1.0, 1.0, 0.01)]  # {"entropy_weight": 1.0} is the section itself
+    assert [(v.train.entropy_weight, v.train.collapse_weight, v.train.lr, v.train.plateau_start) for v in variants] == \
+        [(1.0, 1.0, 1e-3, 0.0), (0.1, 0.1, 1e-3, 0.0), (1.0, 1.0, 0.01, 0.0), (0.1, 0.1, 1e-3, 0.5)]
+    # ({"entropy_weight": 1.0} is the section itself)
     plain = config_from_dict(base)
     plan = {"identity": ["data"]}
     # candidate 0 is reused by a run without candidates; the rate as a whole is not (its choice differs)
     assert run_hash(variants[0], 0.9, plan) == run_hash(plain, 0.9, plan) != run_hash(config, 0.9, plan)
+    assert run_hash(variants[1], 0.9, plan) != run_hash(variants[3], 0.9, plan)  # plateau_start is part of it
+    with pytest.raises(ConfigError, match="plateau_start"):
+        config_from_dict({**base, "train": {**base["train"], "candidates": [{"plateau_start": 1.0}]}})
     with pytest.raises(ConfigError, match="validate_every"):
         config_from_dict({"model": {"path": "m"}, "train": {"candidates": [{"lr": 0.01}]}})
     with pytest.raises(ConfigError, match="sets nothing"):

@@ -228,7 +228,7 @@ def test_early_stopping_and_candidates_keep_the_lowest_validation_kl(train_works
     from stages.outputs import rate_dir
 
     config = fresh_work(train_workspace, "candidates", epochs=4, validate_every=2, patience=1, heldout_dialogues=0,
-                        validation_dialogues=None, candidates=[{"lr": 1e-7}])
+                        validation_dialogues=None, candidates=[{"lr": 1e-7}], plateau_start=0.5)
     build_cache(config, "val")
     result = train.run(config, progress=False).results[RATE]
     kls = [result["candidate_0_val_kl"], result["candidate_1_val_kl"]]
@@ -243,8 +243,9 @@ def test_early_stopping_and_candidates_keep_the_lowest_validation_kl(train_works
         assert [step for _, step in validated] == list(range(2, 2 * len(validated) + 1, 2))
         assert min(validated)[0] == pytest.approx(kls[i])
         assert validation_kl(config, directory) == pytest.approx(kls[i], rel=1e-4)
-        # patience 1: stops at the first validation that is not a new best, else runs all 16 steps
-        first_worse = next((s for (kl, s), (prev, _) in zip(validated[1:], validated) if kl >= min(
+        # patience 1 from step 8 on (plateau_start 0.5 of 16 steps): stops at the first validation after step 8
+        # that is not a new best, else runs all 16 steps
+        first_worse = next((s for kl, s in validated[1:] if s > 8 and kl >= min(
             k for k, t in validated if t < s)), None)
         assert log[-1]["step"] == (first_worse or 16)
 

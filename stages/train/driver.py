@@ -85,6 +85,8 @@ def run_hash(config: PipelineConfig, rate: float, plan: dict) -> str:
 
     train = {k: v for k, v in config.to_dict()["train"].items()
              if k not in ("rates", "checkpoint_every", "max_failures", "heldout_dialogues", "activation_checkpointing")}
+    if not train["plateau_start"]:  # a later option; at 0 it changes nothing, so earlier runs stay reusable
+        del train["plateau_start"]
     return config_hash({"train": train, "rate": rate, "data": plan["identity"]})[:16]
 
 

@@ -50,7 +50,8 @@ class EarlyStopping:
     """The best validation KL so far, the step it was reached at, and how many validations since then did not
     improve on it. ``patience`` 0 never stops (the best weights are still the ones kept). Each validation without a
     new best also multiplies ``lr_scale`` by ``decay`` (1: the learning rate never changes), as torch's
-    ReduceLROnPlateau with patience 0 does."""
+    ReduceLROnPlateau with patience 0 does. A validation that does not ``count`` (the warm-up share of the planned
+    steps, Keras's ``start_from_epoch``) still records a new best but neither adds to ``stale`` nor decays."""
 
     patience: int = 0
     best_kl: float = float("inf")
@@ -59,11 +60,13 @@ class EarlyStopping:
     decay: float = 1.0
     lr_scale: float = 1.0
 
-    def update(self, kl: float, step: int) -> bool:
+    def update(self, kl: float, step: int, count: bool = True) -> bool:
         """Record one validation; True when it is a new best (strictly lower KL)."""
         if kl < self.best_kl:
             self.best_kl, self.best_step, self.stale = kl, step, 0
             return True
+        if not count:
+            return False
         self.stale += 1
         self.lr_scale *= self.decay
         return False

@@ -137,7 +137,7 @@ def train_loop(cfg: dict) -> None:
         if validation and (step % tc.validate_every == 0 or step == total):
             # Early stopping on the validation split (docs/design.md §4.2): every rank gets the same all-reduced KL.
             last["val_kl"] = kl_pass(engine, validation, val_source, rate, rank, world, micro)["metacompress"]
-            improved = stopping.update(last["val_kl"], step)
+            improved = stopping.update(last["val_kl"], step, count=step > tc.plateau_start * total)
             set_lr(engine, tc.lr * stopping.lr_scale)
             if improved:
                 best_state = full_fp32_state(student.compressor)  # a collective under ZeRO

@@ -17,7 +17,8 @@ def test_worker_node_removed_mid_extract(tmp_path):
     from pipeline.shards import StageOutput
     from stages import extract
 
-    root = make_workspace(tmp_path)
+    # Enough shards (60) that the stage is still running when a node goes, however loaded the machine.
+    root = make_workspace(tmp_path, train=120)
     config = make_config(root, per_shard=2)
     config.extract.num_actors = 2
     ray.shutdown()  # other modules' local cluster, if any: this test needs its own
@@ -31,18 +32,20 @@ def test_worker_node_removed_mid_extract(tmp_path):
         runner.start()
         out_dir = Path(extract.output_uri(config, "train"))
         deadline = time.monotonic() + 240
-        while not list(out_dir.glob("part-*.parquet")) and time.monotonic() < deadline:
+        busy: set = set()
+        while not (busy and list(out_dir.glob("part-*.parquet"))) and time.monotonic() < deadline:
+            busy = {a.node_id for a in list_actors(filters=[("class_name", "=", "FeatureExtractor"),
+                                                             ("state", "=", "ALIVE")])}
             time.sleep(0.05)
-        busy = {a.node_id for a in list_actors(filters=[("class_name", "=", "FeatureExtractor"),
-                                                         ("state", "=", "ALIVE")])}
         victim = next(w for w in workers if w.node_id in busy)
+        assert runner.is_alive() and len(list(out_dir.glob("part-*.parquet"))) < 60, "the stage ended before the fault"
         cluster.remove_node(victim)
         runner.join(timeout=300)
         assert "report" in result, "the stage did not finish after the node was removed"
         assert len([n for n in ray.nodes() if n["Alive"]]) == 3
         out = StageOutput(**extract.output_args(config, "train"))
         assert out.is_complete(deep=True)
-        ids = [r["dialogue_id"] for i in range(10) for r in out.read_records(i)]
+        ids = [r["dialogue_id"] for i in range(60) for r in out.read_records(i)]
         expected = [d.dialogue_id for d in load_dialogues(config.data.train)]
         assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
     finally:

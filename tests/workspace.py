@@ -7,10 +7,10 @@ from pathlib import Path
 from tests.tiny_models import save_tiny
 
 
-def make_workspace(root: Path) -> Path:
+def make_workspace(root: Path, train: int = 20) -> Path:
     from pipeline.datasets.mt_shapes import MTShapesConfig, generate
 
-    generate(root / "data", total=30, seed=0, cfg=MTShapesConfig(image_size=32), val=0, test=10)
+    generate(root / "data", total=train + 10, seed=0, cfg=MTShapesConfig(image_size=32), val=0, test=10)
     save_tiny(root / "model", "llava", num_layers=2)
     return root
 

@@ -17,9 +17,11 @@ def test_worker_node_removed_mid_extract(tmp_path):
     from pipeline.shards import StageOutput
     from stages import extract
 
-    # Enough shards (60) that the stage is still running when a node goes, however loaded the machine.
-    root = make_workspace(tmp_path, train=120)
-    config = make_config(root, per_shard=2)
+    # Enough shards that the stage is still running when a node goes, however loaded the machine.
+    dialogues, per_shard = 120, 2
+    shards = dialogues // per_shard
+    root = make_workspace(tmp_path, train=dialogues)
+    config = make_config(root, per_shard=per_shard)
     config.extract.num_actors = 2
     ray.shutdown()  # other modules' local cluster, if any: this test needs its own
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -38,14 +40,15 @@ def test_worker_node_removed_mid_extract(tmp_path):
                                                              ("state", "=", "ALIVE")])}
             time.sleep(0.05)
         victim = next(w for w in workers if w.node_id in busy)
-        assert runner.is_alive() and len(list(out_dir.glob("part-*.parquet"))) < 60, "the stage ended before the fault"
+        written = len(list(out_dir.glob("part-*.parquet")))
+        assert runner.is_alive() and written < shards, "the stage ended before the fault"
         cluster.remove_node(victim)
         runner.join(timeout=300)
         assert "report" in result, "the stage did not finish after the node was removed"
         assert len([n for n in ray.nodes() if n["Alive"]]) == 3
         out = StageOutput(**extract.output_args(config, "train"))
         assert out.is_complete(deep=True)
-        ids = [r["dialogue_id"] for i in range(60) for r in out.read_records(i)]
+        ids = [r["dialogue_id"] for i in range(shards) for r in out.read_records(i)]
         expected = [d.dialogue_id for d in load_dialogues(config.data.train)]
         assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
     finally:

@@ -181,15 +181,16 @@ class PromptAttention:
 
 @torch.no_grad()
 def prompt_attention(adapter, image_tokens: torch.Tensor, question: str, layers: list[int],
-                     vqa: bool = True) -> PromptAttention:
+                     vqa: bool = True, image_positions=None) -> PromptAttention:
     """One forward of the first turn's prompt (``question`` with the n image tokens (n, d)) through the adapter's LLM;
-    ``layers`` run eager attention so their weights (1, H, L, L) can be read, the others keep their kernel."""
+    ``layers`` run eager attention so their weights (1, H, L, L) can be read, the others keep their kernel.
+    ``image_positions``: the tokens' ``VisualPositions``, required by 3-D rotary families (Qwen2.5-VL)."""
     from compress.lvlm import decoder
     from compress.lvlm.session import expand_image
 
     lm = adapter.language_model
-    if adapter.rope_dims != 1:  # its visual tokens would run at 1-D positions (docs/design.md §5)
-        raise ValueError(f"the prompt-attention analysis supports 1-D rotary families (LLaVA), not {adapter.family}")
+    if adapter.rope_dims != 1 and image_positions is None:  # its visual tokens would run at 1-D positions
+        raise ValueError(f"{adapter.family} uses 3-D rotary positions: pass image_positions with the image tokens")
     num_layers = len(lm.layers)
     for l in layers:
         if not 0 <= l < num_layers:
@@ -202,7 +203,7 @@ def prompt_attention(adapter, image_tokens: torch.Tensor, question: str, layers:
     mask = torch.ones_like(ids_t, dtype=torch.bool)
     with contextlib.ExitStack() as stack:
         boxes = {l: stack.enter_context(decoder.eager_attention(lm.layers[l].self_attn)) for l in set(layers)}
-        decoder.forward(lm, state, embeds, mask)
+        decoder.forward(lm, state, embeds, mask, mrope=adapter.rope_inputs(ids_t, mask, [image_positions]))
     is_img = ids_t[0] == adapter.image_token_id
     positions = is_img.nonzero().squeeze(1)
     after = torch.zeros_like(is_img)

@@ -190,3 +190,52 @@ def test_analyze_oracle_llava_next(tiny_setup):
     # NeXT's X_IMG holds the base grid, the unpadded crops and their newlines: every one is scored
     assert len(record["scores"]["fastv"]) == len(record["kept"]) == record["num_tokens"] > 16
     assert not (out / "attention_cls.png").exists()
+
+
+def test_oracle_tokens_sit_at_metacompress_positions_on_qwen(tiny_setup):
+    """Qwen2.5-VL (3-D rotary): the oracle's L_pred scores P X at the positions of MetaCompress's rule, input token
+    floor((i + 0.5) n / m), computed here by hand, and its fitted reducer hands the session the same positions
+    (not the P-weighted means of a plain linear reducer). Then the command end to end on a tiny Qwen."""
+    import torch
+
+    from compress.lvlm import load_adapter
+    from compress.lvlm.base import VisualPositions, reduced_positions
+    from compress.lvlm.session import answer_logits
+    from compress.reduction import Reduction
+    from pipeline.commands.analyze_oracle import FittedP, _kl, _pred_loss
+    from pipeline.dialogues import load_dialogues
+    from tests.test_qwen2_5_vl import tiny_processor, tiny_qwen, tiny_tokenizer
+
+    _, dialogues, root = tiny_setup
+    model = root / "qwen"
+    for part in (tiny_qwen(), tiny_tokenizer(), tiny_processor()):
+        part.save_pretrained(str(model))
+    adapter = load_adapter(model)
+    dialogue = load_dialogues(dialogues)[0]
+    encoded = adapter.encode(dialogue.image)
+    n, m = encoded.tokens.shape[0], 5
+    answers = [adapter.tokenizer("red", add_special_tokens=False).input_ids] * len(dialogue.questions)
+    full = adapter.visual_positions(encoded)
+    centres = VisualPositions(full.offsets[[int((i + 0.5) * n / m) for i in range(m)]], full.span)
+    p = torch.softmax(torch.randn(m, n, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    tokens = p @ encoded.tokens
+    with torch.no_grad():
+        teacher = answer_logits(adapter, encoded.tokens, dialogue.questions, answers, image_positions=full).logits
+        expected = _kl(teacher, answer_logits(adapter, tokens, dialogue.questions, answers,
+                                              image_positions=centres).logits).mean()
+        got = _pred_loss(adapter, dialogue.questions, answers, encoded, m, 0, True)(tokens, p)
+    torch.testing.assert_close(got, expected)
+    session_positions = reduced_positions(full, Reduction(tokens, p), FittedP(Reduction(tokens, p)))
+    assert torch.equal(session_positions.offsets, centres.offsets)
+    weighted = reduced_positions(full, Reduction(tokens, p), lambda *a: None)  # the rule for other linear tokens
+    assert not torch.equal(weighted.offsets, centres.offsets)  # so the checks above can fail
+
+    out = root / "out_qwen"
+    args = _parse(["analyze", "oracle", "--model", str(model), "--dialogues", str(dialogues), "--rate", "0.5",
+                   "--n", "1", "--steps", "2", "--methods", "sample,fastv,prumerge", "--max-new-tokens", "2",
+                   "--topk", "0", "--out", str(out)])
+    assert args.func(args) == 0
+    summary = json.loads((out / "oracle_analysis.json").read_text())
+    assert summary["family"] == "qwen2_5_vl" and summary["not_run"] == {"prumerge": "LLaVA-1.5 only"}
+    assert set(summary["methods"]) == {"full", "oracle", "sample", "fastv"} and set(summary["attention"]) == {
+        "fastv", "prompt"}

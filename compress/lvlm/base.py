@@ -54,11 +54,10 @@ class VisualPositions:
 
 def reduced_positions(full: VisualPositions, reduction, reducer=None) -> VisualPositions:
     """The positions of a feature reducer's output tokens (the rule of docs/design.md §5): a kept token
-    (``keep_indices``) keeps its (t, h, w); a MetaCompress token takes the position of its pooling window's centre,
-    input token ``floor((i + 0.5) n / m)``; any other linear token (``matrix`` P (m, n), e.g. Spatial's window
-    averages) the P-weighted mean of its inputs' positions, rounded half up. The span is the full image's."""
-    from compress.metacompress import MetaCompress, pool_windows
-
+    (``keep_indices``) keeps its (t, h, w); a token of a reducer with ``window_centre_positions`` (MetaCompress, the
+    per-image oracle) takes the position of its pooling window's centre, input token ``floor((i + 0.5) n / m)``; any
+    other linear token (``matrix`` P (m, n), e.g. Spatial's window averages) the P-weighted mean of its inputs'
+    positions, rounded half up. The span is the full image's."""
     n = full.offsets.shape[0]
     if reduction.keep_indices is not None:
         return VisualPositions(full.offsets[reduction.keep_indices.to(full.offsets.device).long()], full.span)
@@ -68,12 +67,20 @@ def reduced_positions(full: VisualPositions, reduction, reducer=None) -> VisualP
     p = reduction.matrix.detach().double()
     if p.shape[1] != n:
         raise ValueError(f"reduction matrix has {p.shape[1]} columns but the image has {n} visual tokens")
-    if isinstance(reducer, MetaCompress):
-        centres = pool_windows(n, p.shape[0], 1)[0][:, 0].to(full.offsets.device)
-        return VisualPositions(full.offsets[centres], full.span)
+    if getattr(reducer, "window_centre_positions", False):  # MetaCompress, the per-image oracle
+        return window_centre_positions(full, p.shape[0])
     mean = (p @ full.offsets.to(p.device).double()) / p.sum(1, keepdim=True).clamp(min=1e-12)
     # a half-way mean (a window of even width) rounds up even when the weights' float error puts it a hair below
     return VisualPositions(torch.floor(mean + 0.5 + 1e-6).long().to(full.offsets.device), full.span)
+
+
+def window_centre_positions(full: VisualPositions, m: int) -> VisualPositions:
+    """MetaCompress's rule for 3-D rotary families: its token i takes the position of input token
+    ``floor((i + 0.5) n / m)``, the centre of its pooling window, whatever P's rows hold."""
+    from compress.metacompress import pool_windows
+
+    centres = pool_windows(full.offsets.shape[0], m, 1)[0][:, 0].to(full.offsets.device)
+    return VisualPositions(full.offsets[centres], full.span)
 
 
 def load_image(image: Any):

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.commands.analyze_oracle import _fmt, _mean, _pred_loss, _run_method
+from pipeline.commands.analyze_oracle import FittedP, _fmt, _mean, _pred_loss, _run_method
 
 COMPRESSOR_DOC = """What a trained compressor does (docs/design.md §4.3):
 
@@ -69,10 +69,10 @@ def analyse_compressor_dialogue(adapter, dialogue, compressor, initial, methods:
     objects, asked = _object_masks(adapter, dialogue, encoded, scenes)
     oracle = None
     if args.oracle_steps > 0 and any(teacher_ids):
-        loss_fn = _pred_loss(adapter, dialogue.questions, teacher_ids, x, args.topk, vqa)
+        loss_fn = _pred_loss(adapter, dialogue.questions, teacher_ids, encoded, m, args.topk, vqa)
         fit = fit_oracle(x, m, loss_fn, steps=args.oracle_steps, lr=args.lr, seed=args.seed)
         oracle = fit.reduction.matrix.detach()
-        methods = {**methods, "oracle": Method("oracle", "feature", lambda tokens, k, layout=None: fit.reduction)}
+        methods = {**methods, "oracle": Method("oracle", "feature", FittedP(fit.reduction))}
     record["matrices"] = {}
     for name, mat in (("trained", p), ("init", p0), ("oracle", oracle)):
         if mat is None:

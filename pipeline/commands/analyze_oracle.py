@@ -45,25 +45,45 @@ def _kl(teacher_logits, student_logits):
     return (t.exp() * (t - s)).sum(-1)
 
 
-def _pred_loss(adapter, questions, teacher_ids, x, topk: int, vqa: bool):
-    """L_pred(tokens, P) for fit_oracle: KL of the answer-token distributions on ``tokens`` against the full-token
-    teacher's (teacher-forced on its own answers), with cached-style top-k targets when ``topk`` > 0."""
+class FittedP:
+    """The oracle's fitted reduction as a feature reducer. On a 3-D rotary family its tokens take MetaCompress's
+    positions (pooling windows' centres, ``compress.lvlm.base.window_centre_positions``), during the fit as after."""
+
+    window_centre_positions = True
+
+    def __init__(self, reduction) -> None:
+        self.reduction = reduction
+
+    def __call__(self, tokens, k, layout=None):
+        return self.reduction
+
+
+def _pred_loss(adapter, questions, teacher_ids, encoded, m: int, topk: int, vqa: bool):
+    """L_pred(tokens, P) for fit_oracle: KL of the answer-token distributions on ``tokens`` (m, d) against the
+    full-token teacher's (teacher-forced on its own answers), with cached-style top-k targets when ``topk`` > 0."""
     import torch
 
     from compress.losses import topk_kl
+    from compress.lvlm.base import window_centre_positions
     from compress.lvlm.session import answer_logits
 
+    full = adapter.visual_positions(encoded)  # None for 1-D families
+    reduced = None if full is None else window_centre_positions(full, m)
+
+    def logits(tokens, positions):
+        return answer_logits(adapter, tokens, questions, teacher_ids, vqa, image_positions=positions).logits
+
     with torch.no_grad():
-        teacher = answer_logits(adapter, x, questions, teacher_ids, vqa).logits.float()
+        teacher = logits(encoded.tokens, full).float()
     vocab = teacher.shape[-1]
     if 0 < topk < vocab:
         top_lp, top_ids = torch.log_softmax(teacher, -1).topk(topk, -1)
 
         def loss(tokens, p):
-            return topk_kl(answer_logits(adapter, tokens, questions, teacher_ids, vqa).logits, top_lp, top_ids)
+            return topk_kl(logits(tokens, reduced), top_lp, top_ids)
     else:
         def loss(tokens, p):
-            return _kl(teacher, answer_logits(adapter, tokens, questions, teacher_ids, vqa).logits).mean()
+            return _kl(teacher, logits(tokens, reduced)).mean()
     return loss
 
 
@@ -109,7 +129,7 @@ def analyse_dialogue(adapter, dialogue, methods: dict, args, score) -> dict:
         return record
     x = encoded.tokens
     m = num_keep(x.shape[0], args.rate)
-    loss_fn = _pred_loss(adapter, dialogue.questions, teacher_ids, x, args.topk, vqa)
+    loss_fn = _pred_loss(adapter, dialogue.questions, teacher_ids, encoded, m, args.topk, vqa)
     fit = fit_oracle(x, m, loss_fn, steps=args.steps, lr=args.lr, entropy_weight=args.entropy_weight, seed=args.seed,
                      init=args.init, optimizer=args.optimizer)
     record["oracle_losses"] = fit.losses
@@ -117,7 +137,7 @@ def analyse_dialogue(adapter, dialogue, methods: dict, args, score) -> dict:
         p = fit.reduction.matrix
         record["oracle_pred_loss"] = float(loss_fn(fit.reduction.tokens, p))
         record["oracle_entropy"] = float(entropy_loss(p))
-    oracle = Method("oracle", "feature", lambda tokens, k, layout=None: fit.reduction)
+    oracle = Method("oracle", "feature", FittedP(fit.reduction))
     rows = {"full": (Method("full", "none"), None), "oracle": (oracle, args.rate)}
     rows.update({name: (method, args.rate) for name, method in methods.items()})
     record["methods"] = {}
@@ -130,7 +150,7 @@ def analyse_dialogue(adapter, dialogue, methods: dict, args, score) -> dict:
             record["methods"][name] = {"error": str(err)}
 
     layers = sorted({0, args.fastv_k - 1})
-    pa = prompt_attention(adapter, x, dialogue.questions[0], layers, vqa)
+    pa = prompt_attention(adapter, x, dialogue.questions[0], layers, vqa, adapter.visual_positions(encoded))
     scores = {"prompt": pa.prompt_scores([0]), "fastv": pa.last_token_scores(args.fastv_k - 1)}
     if adapter.family == "llava":
         tower = adapter.model.model.vision_tower

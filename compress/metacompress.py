@@ -81,7 +81,7 @@ class MetaCompress(nn.Module):
     """
 
     # On a 3-D rotary family its tokens sit at their pooling windows' centres (compress.lvlm.base.reduced_positions).
-    window_centre_positions = True
+    positions_at_window_centres = True
 
     def __init__(self, hidden_size: int, compress_dim: int = 256, kernel_size: int = 3,
                  reference_grid: tuple[int, int] = (24, 24), pooling: str = "avg", generator: str = "paper",

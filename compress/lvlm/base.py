@@ -54,7 +54,7 @@ class VisualPositions:
 
 def reduced_positions(full: VisualPositions, reduction, reducer=None) -> VisualPositions:
     """The positions of a feature reducer's output tokens (the rule of docs/design.md §5): a kept token
-    (``keep_indices``) keeps its (t, h, w); a token of a reducer with ``window_centre_positions`` (MetaCompress, the
+    (``keep_indices``) keeps its (t, h, w); a token of a reducer with ``positions_at_window_centres`` (MetaCompress, the
     per-image oracle) takes the position of its pooling window's centre, input token ``floor((i + 0.5) n / m)``; any
     other linear token (``matrix`` P (m, n), e.g. Spatial's window averages) the P-weighted mean of its inputs'
     positions, rounded half up. The span is the full image's."""
@@ -67,7 +67,7 @@ def reduced_positions(full: VisualPositions, reduction, reducer=None) -> VisualP
     p = reduction.matrix.detach().double()
     if p.shape[1] != n:
         raise ValueError(f"reduction matrix has {p.shape[1]} columns but the image has {n} visual tokens")
-    if getattr(reducer, "window_centre_positions", False):  # MetaCompress, the per-image oracle
+    if getattr(reducer, "positions_at_window_centres", False):  # MetaCompress, the per-image oracle
         return window_centre_positions(full, p.shape[0])
     mean = (p @ full.offsets.to(p.device).double()) / p.sum(1, keepdim=True).clamp(min=1e-12)
     # a half-way mean (a window of even width) rounds up even when the weights' float error puts it a hair below

@@ -49,7 +49,7 @@ class FittedP:
     """The oracle's fitted reduction as a feature reducer. On a 3-D rotary family its tokens take MetaCompress's
     positions (pooling windows' centres, ``compress.lvlm.base.window_centre_positions``), during the fit as after."""
 
-    window_centre_positions = True
+    positions_at_window_centres = True
 
     def __init__(self, reduction) -> None:
         self.reduction = reduction

@@ -110,7 +110,7 @@ def _cli(work: str) -> list[str]:
     sets = {"work_dir": work, "data.mt_shapes.dialogues": 24, "data.mt_shapes.val": 4, "data.mt_shapes.test": 4,
             "data.mt_shapes.image_size": 32, "shards.dialogues_per_shard": 4, "teacher.top_k": 8,
             "teacher.max_new_tokens": 3, "train.rates": [0.7], "train.num_workers": 1, "train.zero_stage": 0,
-            "train.batch_size": 4, "train.epochs": 4, "train.checkpoint_every": 4, "train.validate_every": 0, "train.patience": 0,
+            "train.batch_size": 4, "train.epochs": 8, "train.checkpoint_every": 2, "train.validate_every": 0, "train.patience": 0,
             "train.candidates": [], "train.heldout_dialogues": 4, "evaluate.methods": ["sample", "metacompress"],
             "evaluate.rates": [0.7], "evaluate.batch_size": 4, "evaluate.matrix_images": 1, "ray.num_cpus": 2}
     args = [sys.executable, "-m", "pipeline.commands.cli", "run", str(ROOT / "infra/configs/default.yaml")]
@@ -152,7 +152,9 @@ def test_main_job_on_s3_killed_during_train_then_resumed(s3, tmp_path):
     # train resumed from the checkpoint: this attempt's first step is past 1
     curve = [json.loads(x) for x in s3.get_object(Bucket=BUCKET, Key=f"{prefix}train/rate-0.7/compressor/"
                                                   "train_log.jsonl")["Body"].read().decode().splitlines()]
-    assert curve[0]["step"] > 1 and curve[-1]["step"] == 4 * 4  # 4 epochs of 16 train dialogues, 4 a step
+    # the kill must land before the last of the 16 checkpoints (it waits for the first one)
+    assert curve, "the killed run had checkpointed its last step: nothing left to resume\n" + log.read_text()[-3000:]
+    assert curve[0]["step"] > 1 and curve[-1]["step"] == 8 * 4  # 8 epochs of 16 train dialogues, 4 a step
     marker = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{prefix}train/rate-0.7/_SUCCESS")["Body"].read())
     weights = s3.get_object(Bucket=BUCKET, Key=f"{prefix}train/rate-0.7/compressor/model.safetensors")["Body"].read()
     assert marker["files"]["model.safetensors"] == hashlib.sha256(weights).hexdigest()

@@ -13,12 +13,19 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(capsys, *argv) -> tuple[int, str]:
+def run_cli(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """The CLI's entry point in this process (a new interpreter spends 8 s importing): exit code and output."""
     from pipeline.commands.cli import main
 
+    capsys.readouterr()
     code = main(list(argv))
-    err = capsys.readouterr().err
-    return code, err
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(argv), code, out.out, out.err)
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    done = run_cli(capsys, *argv)
+    return done.returncode, done.stderr
 
 
 def one_line_error(code: int, err: str, *needles: str) -> str:

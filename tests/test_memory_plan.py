@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.test_failure_cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "infra" / "configs" / "cluster.yaml"
@@ -95,26 +96,16 @@ def test_a_plan_that_does_not_fit_names_the_stage_and_its_advice_fits():
     assert re.match(r"stage (teacher|evaluate) ", check_plan(config, "llava-next-7b", gpus=["A10G"])[1])
 
 
-def cli(capsys, *argv: str) -> subprocess.CompletedProcess:
-    """The CLI's entry point in this process (a new interpreter per call spent 8 s importing): exit code and output."""
-    from pipeline.commands.cli import main
-
-    capsys.readouterr()
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, out.out, out.err)
-
-
 def test_plan_command_exit_codes(capsys):
-    ok = cli(capsys, "plan", str(CONFIG), "--arch", "llava-next-7b")
+    ok = run_cli(capsys, "plan", str(CONFIG), "--arch", "llava-next-7b")
     assert ok.returncode == 0 and "| evaluate |" in ok.stdout, ok.stderr[-2000:]
-    refused = cli(capsys, "plan", str(CONFIG), "--arch", "llava-next-7b", "--gpu", "T4")
+    refused = run_cli(capsys, "plan", str(CONFIG), "--arch", "llava-next-7b", "--gpu", "T4")
     assert refused.returncode == 2 and "| evaluate |" in refused.stdout
     assert refused.stderr.strip().count("\n") == 0 and "stage " in refused.stderr and "T4" in refused.stderr
 
 
 def test_submit_dry_run_prints_the_job_and_the_plan(capsys):
-    proc = cli(capsys, "submit", str(CONFIG), "--dry-run", "--arch", "llava-1.5-7b")
+    proc = run_cli(capsys, "submit", str(CONFIG), "--dry-run", "--arch", "llava-1.5-7b")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "would submit metacompress-extract-teacher-train-" in proc.stdout and "| train |" in proc.stdout
 
@@ -147,7 +138,7 @@ def test_qwen_visual_tokens_are_what_the_adapter_produces_at_max_pixels(tmp_path
 
 def test_plan_for_qwen_states_its_assumption(capsys):
     def plan(*args):
-        return cli(capsys, "plan", str(CONFIG), "--arch", "qwen2.5-vl-7b", *args)
+        return run_cli(capsys, "plan", str(CONFIG), "--arch", "qwen2.5-vl-7b", *args)
 
     default = plan()  # the processor's max_pixels, 12845056: 16384 tokens of 28 x 28 pixels
     assert default.returncode in (0, 2) and "Traceback" not in default.stderr, default.stderr[-2000:]

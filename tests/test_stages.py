@@ -145,6 +145,20 @@ def test_bad_records_go_to_errors_and_fail_past_the_fraction(workspace, ray_loca
         extract.run(config, "train", progress=False)
 
 
+def alive(name: str) -> set[str]:
+    """IDs of the live actors of class ``name``, from the GCS's actor table (ray.util.state needs the dashboard)."""
+    from ray._private.state import actors
+
+    return {k for k, a in actors().items() if a["ActorClassName"] == name and a["State"] == "ALIVE"}
+
+
+def wait_until_dead(actor_ids: set[str], name: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while alive(name) & actor_ids and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(name) & actor_ids, f"{name} actors still alive after {seconds} s"
+
+
 def test_driver_killed_mid_stage_then_rerun_matches_uninterrupted(workspace, ray_local):
     from stages import extract
 
@@ -159,12 +173,16 @@ def test_driver_killed_mid_stage_then_rerun_matches_uninterrupted(workspace, ray
     log = open(workspace / "kill.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.commands.cli", "run", str(config_file), "--stages", "extract"],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    before = alive("FeatureExtractor")
     deadline = time.monotonic() + 300
     while not list(out_dir.glob("part-*.parquet")) and time.monotonic() < deadline and driver.poll() is None:
         time.sleep(0.05)
+    started = alive("FeatureExtractor") - before
     os.killpg(driver.pid, 9)  # the driver and everything it started
     driver.wait()
     log.close()
+    # the GCS ends the dead driver's actors asynchronously; one may still finish a shard until it is gone
+    wait_until_dead(started, "FeatureExtractor")
     written = len(list(out_dir.glob("part-*.parquet")))
     assert 1 <= written < 10, f"the kill came at the wrong time ({written} shards written); driver output:\n" + \
         (workspace / "kill.log").read_text()[-3000:]
@@ -175,13 +193,8 @@ def test_driver_killed_mid_stage_then_rerun_matches_uninterrupted(workspace, ray
 
 
 def test_a_stage_keeps_its_model_actors_across_splits_and_ends_them(workspace, ray_local):
-    from ray._private.state import actors  # the GCS's actor table (ray.util.state needs the dashboard)
-
     from stages import extract, teacher
     from stages.common import actors_kept_for_stage
-
-    def alive(name: str) -> set[str]:
-        return {k for k, a in actors().items() if a["ActorClassName"] == name and a["State"] == "ALIVE"}
 
     plain, kept = make_config(workspace, work="kept_plain"), make_config(workspace, work="kept")
     for name, stage in (("FeatureExtractor", extract), ("TeacherWorker", teacher)):
@@ -192,10 +205,7 @@ def test_a_stage_keeps_its_model_actors_across_splits_and_ends_them(workspace, r
                 assert stage.run(kept, split, progress=False).computed > 0
                 seen.append(alive(name) - before)
             assert seen[0] and seen[0] == seen[1]  # the model loaded once for both splits
-        deadline = time.monotonic() + 60
-        while alive(name) & seen[0] and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not alive(name) & seen[0]  # ended with the stage: their CPUs and GPUs are free for the next one
+        wait_until_dead(seen[0], name)  # ended with the stage: their CPUs and GPUs are free for the next one
     for split in ("train", "test"):  # each split read and wrote its own shards, as one actor per split does
         extract.run(plain, split, progress=False)
         teacher.run(plain, split, progress=False)

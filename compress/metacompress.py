@@ -18,10 +18,20 @@ q.k / sqrt(dc) is large, which depends on the feature norms and on how alike the
 
 so the scores no longer scale with the features' norm or their shared component, and the initial sharpness is set
 by ``temperature`` alone. ``generator="paper"`` (the default of the class) is eq. above, unchanged.
+
+``locality > 0`` (docs/design.md §4.1, ours, with either generator) ties row i of P to where its window lies:
+
+    c_j    = token j's centre in image units [0, 1]^2 (a newline takes the preceding token's)
+    s_i^2  = squared spacing of the query centres in i's segment (1 / q_seg on a grid, 1 / q_seg^2 on one row)
+    P      = softmax_over_n( scores - lambda * |c_centre(i) - c_j|^2 / s_i^2 ),  lambda = exp(log_locality), learned
+
+A pre-LLM reducer keeps where an object lies only through which output slot holds it; with the paper's P a row can
+gather tokens from anywhere, so the slot says little (the README's per-type losses at 90 %: left/right and height).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -66,6 +76,43 @@ def pool_tokens(z: torch.Tensor, m: int, kernel_size: int, mode: str = "avg") ->
     raise ValueError(f"pooling must be 'avg' or 'max', got {mode!r}")
 
 
+def token_coordinates(layout: Layout) -> torch.Tensor:
+    """(n, 2) float64: each token's (row, column) centre in image units [0, 1]; a newline takes the coordinates of
+    the token before it (the last of its row). Segments of one image (LLaVA-NeXT's base and crops) share the units."""
+    coords = torch.zeros(layout.num_tokens, 2, dtype=torch.float64)
+    for seg in layout.segments:
+        rows = (torch.arange(seg.height, dtype=torch.float64) + 0.5) / seg.height
+        cols = (torch.arange(seg.width, dtype=torch.float64) + 0.5) / seg.width
+        coords[seg.indices()] = torch.cartesian_prod(rows, cols)
+    for i in sorted(layout.newlines):
+        coords[i] = coords[i - 1] if i > 0 else 0.0
+    return coords
+
+
+@functools.lru_cache(maxsize=64)
+def locality_distances(layout: Layout, m: int) -> torch.Tensor:
+    """(m, n) float32: |c_centre(i) - c_j|^2 / s_i^2 (module doc), the squared distance of token j from query i's
+    window centre in units of the query spacing of i's segment; 0 on the centre token itself."""
+    n = layout.num_tokens
+    coords = token_coordinates(layout)
+    centres = pool_windows(n, m, 1)[0][:, 0]  # (m,) each window's centre token
+    segment_of = torch.full((n,), -1, dtype=torch.long)
+    for k, seg in enumerate(layout.segments):
+        segment_of[seg.indices()] = k
+    for i in sorted(layout.newlines):
+        segment_of[i] = segment_of[i - 1] if i > 0 else 0
+    query_segment = segment_of[centres].clamp_min(0)
+    spacing_sq = torch.empty(m, dtype=torch.float64)
+    for k, seg in enumerate(layout.segments):
+        mine = query_segment == k
+        count = int(mine.sum())
+        if count:
+            flat = seg.height == 1 or seg.width == 1
+            spacing_sq[mine] = 1.0 / count ** 2 if flat else 1.0 / count
+    distance_sq = (coords[centres][:, None, :] - coords[None, :, :]).pow(2).sum(-1)
+    return (distance_sq / spacing_sq[:, None]).float()
+
+
 def default_layout(n: int) -> Layout:
     """A square grid when ``n`` is a square (LLaVA-1.5), otherwise one row."""
     side = math.isqrt(n)
@@ -85,7 +132,7 @@ class MetaCompress(nn.Module):
 
     def __init__(self, hidden_size: int, compress_dim: int = 256, kernel_size: int = 3,
                  reference_grid: tuple[int, int] = (24, 24), pooling: str = "avg", generator: str = "paper",
-                 temperature: float = 20.0) -> None:
+                 temperature: float = 20.0, locality: float = 0.0) -> None:
         super().__init__()
         if hidden_size < 1 or compress_dim < 1 or kernel_size < 1:
             raise ValueError("hidden_size, compress_dim and kernel_size must be positive")
@@ -95,6 +142,8 @@ class MetaCompress(nn.Module):
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if not locality >= 0:
+            raise ValueError(f"locality must be >= 0 (0: off), got {locality}")
         self.config = {"model_type": MODEL_TYPE, "hidden_size": hidden_size, "compress_dim": compress_dim,
                        "kernel_size": kernel_size, "reference_grid": list(reference_grid), "pooling": pooling,
                        "generator": generator}
@@ -102,6 +151,9 @@ class MetaCompress(nn.Module):
             self.config["temperature"] = float(temperature)
             # shape (1,), not a 0-d tensor: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse
             self.log_temperature = nn.Parameter(torch.full((1,), math.log(temperature)))
+        if locality > 0:  # absent when off: the paper's module keeps its config and tensors exactly
+            self.config["locality"] = float(locality)
+            self.log_locality = nn.Parameter(torch.full((1,), math.log(locality)))
         self.kernel_size = kernel_size
         self.pooling = pooling
         self.generator = generator
@@ -118,6 +170,21 @@ class MetaCompress(nn.Module):
             # told apart by where they lie, so each row starts on its own pooling window (docs/design.md §4.1).
             with torch.no_grad():
                 self.position_table.normal_()
+
+    @staticmethod
+    def init_kwargs(config: dict) -> dict:
+        """The constructor's arguments recorded in a ``config`` (``module.config`` or a config.json)."""
+        return {"hidden_size": config["hidden_size"], "compress_dim": config["compress_dim"],
+                "kernel_size": config["kernel_size"], "reference_grid": tuple(config["reference_grid"]),
+                "pooling": config.get("pooling", "avg"), "generator": config.get("generator", "paper"),
+                "temperature": config.get("temperature", 20.0), "locality": config.get("locality", 0.0)}
+
+    def locality_bias(self, layout: Layout, m: int) -> torch.Tensor | None:
+        """(m, n) the locality term added to the scores (module doc), or None when ``locality`` is off."""
+        if not hasattr(self, "log_locality"):
+            return None
+        distances = locality_distances(layout, m).to(self.log_locality.device, self.log_locality.dtype)
+        return -self.log_locality.exp() * distances
 
     @property
     def compress_dim(self) -> int:
@@ -170,8 +237,11 @@ class MetaCompress(nn.Module):
         queries = pool_tokens(z, num_keep, self.kernel_size, self.pooling) @ self.w_query
         if self.generator == "normed":
             queries = F.normalize(queries * self.omega, dim=1, eps=1e-6)
-            return self.log_temperature.exp() * queries @ F.normalize(keys, dim=1, eps=1e-6).T
-        return (queries * self.omega) @ keys.T / math.sqrt(self.compress_dim)
+            scores = self.log_temperature.exp() * queries @ F.normalize(keys, dim=1, eps=1e-6).T
+        else:
+            scores = (queries * self.omega) @ keys.T / math.sqrt(self.compress_dim)
+        bias = self.locality_bias(layout, num_keep)
+        return scores if bias is None else scores + bias
 
     def forward(self, x: torch.Tensor | list[torch.Tensor], num_keep: int | list[int],
                 layout: Layout | list[Layout | None] | None = None) -> Reduction | list[Reduction]:
@@ -227,9 +297,7 @@ class MetaCompress(nn.Module):
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"{directory / CONFIG_NAME}: compute_dtype {compute_dtype!r} is not one of "
                              f"{list(COMPUTE_DTYPES)}; fix the key or remove it (float32)")
-        module = cls(config["hidden_size"], config["compress_dim"], config["kernel_size"],
-                     tuple(config["reference_grid"]), config.get("pooling", "avg"), config.get("generator", "paper"),
-                     config.get("temperature", 20.0))
+        module = cls(**cls.init_kwargs(config))
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
         expected = module.state_dict()
         if set(state) != set(expected):

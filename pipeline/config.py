@@ -124,6 +124,7 @@ class TrainCandidate:
     lr: float | None = None
     optimizer: Literal["sgd", "adamw"] | None = None
     generator: Literal["paper", "normed", "auto"] | None = None
+    locality: float | None = None
     plateau_start: float | None = None
 
     def overrides(self) -> dict:
@@ -140,6 +141,9 @@ class TrainConfig:
     # "auto": "normed" when the paper's P starts near uniform on the first training batch, else "paper".
     generator: Literal["paper", "normed", "auto"] = "paper"
     temperature: float = 20.0  # the initial temperature of generator "normed"
+    # The initial strength of the locality term (docs/design.md §4.1, ours): row i of P is pulled toward the tokens
+    # near its pooling window's centre, learned from there; 0: off (the paper's P).
+    locality: float = 0.0
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 1e-3
     grad_clip: float = 1e-2
@@ -428,6 +432,8 @@ def _range_checks(c: PipelineConfig) -> list[tuple[bool, str]]:
         (t.compress_dim >= 1 and t.kernel_size >= 1, "train.compress_dim and train.kernel_size must be >= 1"),
         (t.grad_clip > 0, "train.grad_clip must be > 0"),
         (t.temperature > 0, "train.temperature must be > 0"),
+        (all(v >= 0 for v in [t.locality] + [c.locality for c in t.candidates if c.locality is not None]),
+         "train.locality (and a candidate's) must be >= 0 (0: off)"),
         (t.entropy_weight >= 0 and t.collapse_weight >= 0, "train.entropy_weight and train.collapse_weight must be >= 0"),
         (t.compressor_dtype == "float32" or c.model.dtype == "bfloat16",
          f"train.compressor_dtype = bfloat16 needs model.dtype: bfloat16 (DeepSpeed's bf16 mode casts the frozen LVLM "
@@ -554,7 +560,7 @@ def validate(config: PipelineConfig) -> PipelineConfig:
          "train.candidates and train.patience choose on the validation KL: set train.validate_every > 0 too"),
         (all(c.overrides() for c in config.train.candidates),
          "train.candidates: an entry sets nothing; give at least one of entropy_weight, collapse_weight, lr, "
-         "optimizer, generator, plateau_start"),
+         "optimizer, generator, locality, plateau_start"),
         (config.train.max_failures >= -1, "train.max_failures must be >= 0 (or -1: retry forever)"),
         (config.evaluate.num_actors > 0, "evaluate.num_actors must be positive"),
         (config.evaluate.batch_size > 0 and config.evaluate.max_new_tokens > 0,

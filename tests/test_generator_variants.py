@@ -124,3 +124,87 @@ def test_auto_generator_picks_normed_where_the_paper_starts_uniform():
     assert share_large == pytest.approx(ref, rel=1e-6)
     assert resolve_generator("auto", share_small) == "normed" and resolve_generator("auto", share_large) == "paper"
     assert resolve_generator("paper", share_small) == "paper"
+
+
+def plain_locality_distances(coords: list[tuple[float, float]], centres: list[int], spacing_sq: list[float]):
+    """|c_centre(i) - c_j|^2 / s_i^2 by loops over explicit coordinates."""
+    return torch.tensor([[((coords[c][0] - y) ** 2 + (coords[c][1] - x) ** 2) / s for (y, x) in coords]
+                         for c, s in zip(centres, spacing_sq)], dtype=torch.float32)
+
+
+def test_locality_distances_on_a_grid_by_hand():
+    from compress.metacompress import locality_distances
+
+    # 4x4 grid, 4 queries: centres floor((i + 0.5) * 16 / 4) = 2, 6, 10, 14; spacing^2 = 1 / 4 (a grid of 4 queries)
+    coords = [((r + 0.5) / 4, (c + 0.5) / 4) for r in range(4) for c in range(4)]
+    got = locality_distances(Layout.grid(4, 4), 4)
+    torch.testing.assert_close(got, plain_locality_distances(coords, [2, 6, 10, 14], [0.25] * 4))
+    assert float(got[0, 2]) == 0.0 and float(got[0, 0]) == pytest.approx(0.5 ** 2 / 0.25)  # two columns (0.5) away
+
+
+def test_locality_distances_on_a_next_like_layout_with_newlines():
+    from compress.layout import Segment
+    from compress.metacompress import locality_distances, token_coordinates
+
+    # base 2x2 (tokens 0-3), crops 2x3 whose rows end with a newline (4-6, 7 newline, 8-10, 11 newline)
+    layout = Layout(12, (Segment("base", 2, 2, 0, 2), Segment("crops", 2, 3, 4, 4)), (7, 11))
+    layout.validate()
+    base = [((r + 0.5) / 2, (c + 0.5) / 2) for r in range(2) for c in range(2)]
+    crop_rows = [[((r + 0.5) / 2, (c + 0.5) / 3) for c in range(3)] for r in range(2)]
+    coords = base + crop_rows[0] + [crop_rows[0][-1]] + crop_rows[1] + [crop_rows[1][-1]]  # a newline: its row's end
+    torch.testing.assert_close(token_coordinates(layout), torch.tensor(coords, dtype=torch.float64))
+    # 4 queries: centres floor((i + 0.5) * 3) = 1, 4, 7, 10; one in the base (spacing^2 1/1), three in the crops (1/3),
+    # the newline 7 counting with its row's segment
+    got = locality_distances(layout, 4)
+    torch.testing.assert_close(got, plain_locality_distances(coords, [1, 4, 7, 10], [1.0, 1 / 3, 1 / 3, 1 / 3]))
+
+
+def test_locality_adds_its_term_to_either_generator_and_zero_is_the_paper():
+    from compress.metacompress import locality_distances
+
+    x, layout, m = features(3.0, 1.0), Layout.grid(SIDE, SIDE), 14
+    for generator in ("paper", "normed"):
+        plain = make(generator)
+        torch.manual_seed(0)
+        local = MetaCompress(D, compress_dim=64, kernel_size=3, reference_grid=(SIDE, SIDE), generator=generator,
+                             locality=2.5)
+        assert set(local.state_dict()) == set(plain.state_dict()) | {"log_locality"}
+        with torch.no_grad():
+            expected = plain.logits(x, m, layout) - 2.5 * locality_distances(layout, m)
+            torch.testing.assert_close(local.logits(x, m, layout), expected, rtol=1e-5, atol=1e-4)
+    off = MetaCompress(D, locality=0.0)
+    assert "locality" not in off.config and not hasattr(off, "log_locality")
+    with pytest.raises(ValueError, match="locality"):
+        MetaCompress(D, locality=-1.0)
+
+
+def test_locality_starts_each_row_near_its_window_on_a_plain_background():
+    """Identical tokens: the paper's rows spread over the whole image; with locality they start around their
+    windows' centres (mass within one query spacing), and training can loosen the term (its strength is learned)."""
+    from compress.metacompress import locality_distances
+
+    x, layout, m = torch.ones(N, D) * 7.0, Layout.grid(SIDE, SIDE), 14
+    near = (locality_distances(layout, m) <= 1.0).float()
+    for generator in ("paper", "normed"):
+        torch.manual_seed(0)
+        local = MetaCompress(D, compress_dim=64, reference_grid=(SIDE, SIDE), generator=generator, locality=4.0)
+        p = local(x, m, layout).matrix
+        assert float((p * near).sum(-1).mean()) > 0.9, generator
+        (p * torch.randn_like(p)).sum().backward()  # P's rows sum to 1: a plain sum has no gradient
+        assert local.log_locality.grad is not None and float(local.log_locality.grad.abs()) > 0
+    with torch.no_grad():
+        p = make("paper")(x, m, layout).matrix
+    assert float((p * near).sum(-1).mean()) < 0.2
+
+
+def test_locality_round_trips_with_its_learned_strength(tmp_path):
+    torch.manual_seed(0)
+    module = MetaCompress(D, compress_dim=64, reference_grid=(SIDE, SIDE), generator="normed", locality=1.0)
+    with torch.no_grad():
+        module.log_locality.fill_(math.log(0.3))
+    module.save_pretrained(tmp_path / "c")
+    loaded = MetaCompress.from_pretrained(tmp_path / "c")
+    assert loaded.config["locality"] == 1.0 and float(loaded.log_locality.detach().exp()) == pytest.approx(0.3)
+    x = features(1.0, 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 14).matrix, module(x, 14).matrix)

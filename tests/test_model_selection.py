@@ -76,6 +76,22 @@ def test_candidates_apply_their_settings_and_drop_duplicates():
         config_from_dict({"model": {"path": "m"}, "train": {"validate_every": 5, "candidates": [{"optimizer": "x"}]}})
 
 
+def test_locality_unset_keeps_earlier_runs_reusable_and_set_is_part_of_the_hash():
+    from pipeline.config import ConfigError, config_from_dict
+    from stages.train.driver import candidate_configs, run_hash
+
+    base = {"model": {"path": "m"}, "train": {"validate_every": 5, "candidates": [{"lr": 0.01}]}}
+    plan = {"identity": ["data"]}
+    # the value this config hashed to before train.locality existed (commit 0285959): its trained outputs stay valid
+    assert run_hash(config_from_dict(base), 0.9, plan) == "2c7f7a745f7e78e3"
+    local = config_from_dict({**base, "train": {**base["train"], "candidates": [{"locality": 1.0}]}})
+    variants = candidate_configs(local)
+    assert [v.train.locality for v in variants] == [0.0, 1.0]
+    assert run_hash(variants[1], 0.9, plan) != run_hash(variants[0], 0.9, plan)
+    with pytest.raises(ConfigError, match="locality"):
+        config_from_dict({"model": {"path": "m"}, "train": {"locality": -0.5}})
+
+
 def test_standing_names_every_method_not_beaten():
     from pipeline.reports import results_markdown, standing
 

@@ -120,13 +120,12 @@ def test_fused_reducers_equal_the_modules(compressor):
 
     x = torch.randn(64, compressor.w_key.shape[0])
     layout = Layout.grid(8, 8)
-    modules = [compressor]
-    try:  # the "normed" generator, where this version of MetaCompress has it
-        from compress.metacompress import MetaCompress
+    from compress.metacompress import MetaCompress
 
-        modules.append(MetaCompress(x.shape[1], compress_dim=16, generator="normed").eval())
-    except TypeError:
-        pass
+    d = x.shape[1]
+    modules = [compressor, MetaCompress(d, compress_dim=16, generator="normed").eval(),
+               MetaCompress(d, compress_dim=16, locality=1.5).eval(),
+               MetaCompress(d, compress_dim=16, generator="normed", locality=0.5).eval()]
     for fn in (*modules, sample_reduce):
         fused = fused_reducer(fn, 64, 13, layout, x.device)
         torch.testing.assert_close(fused(x), fn(x, 13, layout).tokens, atol=1e-6, rtol=1e-5)

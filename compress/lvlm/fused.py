@@ -3,7 +3,7 @@ embeddings, pooling windows, sample indices) is computed once, so a reduction is
 host-to-device copies, and can be captured in a CUDA graph.
 
 ``fused_reducer(fn, n, m, layout, device)`` -> ``f(x (n, d)) -> tokens (m, d)``, or None when ``fn`` has no fused
-form (then the caller runs ``fn`` itself). MetaCompress (both generators, "paper" and "normed") gives the tokens of
+form (then the caller runs ``fn`` itself). MetaCompress (both generators, "paper" and "normed", with or without locality) gives the tokens of
 ``MetaCompress.forward`` (the same operations in the same order); Sample the same gather.
 """
 
@@ -28,6 +28,11 @@ def _metacompress(module, n: int, m: int, layout: Layout | None, device) -> Call
     layout = layout or default_layout(n)
     with torch.no_grad():
         pos = module.position_embeddings(layout).to(device)
+    distances = None
+    if hasattr(module, "log_locality"):
+        from compress.metacompress import locality_distances
+
+        distances = locality_distances(layout, m).to(device, module.log_locality.dtype)
     index, valid = pool_windows(n, m, module.kernel_size)
     index, valid = index.to(device), valid.to(device)
     wk, wq, omega = module.w_key, module.w_query, module.omega
@@ -54,6 +59,8 @@ def _metacompress(module, n: int, m: int, layout: Layout | None, device) -> Call
             scores = module.log_temperature.exp() * queries @ F.normalize(keys, dim=1, eps=1e-6).T
         else:
             scores = (queries * omega) @ keys.T / scale  # (m, n)
+        if distances is not None:
+            scores = scores + -module.log_locality.exp() * distances
         p = scores.softmax(-1)
         return (p @ x.to(p.dtype)).to(x.dtype)
 

@@ -275,9 +275,8 @@ def run_compressor(args: argparse.Namespace) -> int:
                            dtype=torch.float16 if torch.device(device).type == "cuda" else torch.float32)
     adapter.model.requires_grad_(False)
     compressor.to(adapter.device)
-    config = {k: v for k, v in compressor.config.items() if k != "model_type"}
     torch.manual_seed(args.seed)
-    initial = MetaCompress(**{**config, "reference_grid": tuple(config["reference_grid"])}).to(adapter.device)
+    initial = MetaCompress(**MetaCompress.init_kwargs(compressor.config)).to(adapter.device)
     methods = {"metacompress": get_method("metacompress", args.compressor)}
     methods["metacompress"].fn.to(adapter.device)
     methods.update({n: get_method(n) for n in names})

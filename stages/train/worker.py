@@ -274,19 +274,12 @@ def _peak_memory_bytes(on_gpu: bool) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def _init_kwargs(config: dict) -> dict:
-    return {"hidden_size": config["hidden_size"], "compress_dim": config["compress_dim"],
-            "kernel_size": config["kernel_size"], "reference_grid": tuple(config["reference_grid"]),
-            "pooling": config.get("pooling", "avg"), "generator": config.get("generator", "paper"),
-            "temperature": config.get("temperature", 20.0)}
-
-
 def final_compressor(config: dict, state: dict, compute_dtype: str):
     """The MetaCompress to save: the full fp32 ``state`` and the compute dtype of training in its config, which
     every loader restores (``MetaCompress.from_pretrained``), so evaluate's P is training's (docs/design.md §6.3)."""
     from compress.metacompress import MetaCompress
 
-    final = MetaCompress(**_init_kwargs(config))
+    final = MetaCompress(**MetaCompress.init_kwargs(config))
     final.load_state_dict(state)
     final.config["compute_dtype"] = compute_dtype
     return final

@@ -247,6 +247,15 @@ def window_mass(p: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return (p.double() * inside.to(p.device)).sum(1)
 
 
+def near_mass(p: torch.Tensor, layout) -> torch.Tensor:
+    """(m,): each row's mass on the tokens within one query spacing of its window's centre, in image units
+    (``compress.metacompress.locality_distances`` <= 1): how much of a row stays where its output slot says it is."""
+    from compress.metacompress import locality_distances
+
+    near = locality_distances(layout, p.shape[0]) <= 1.0
+    return (p.double() * near.to(p.device)).sum(1)
+
+
 def total_variation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Total-variation distance ``0.5 * sum |a - b|`` over the last dimension (0: equal, 1: disjoint supports)."""
     return 0.5 * (a.double() - b.double()).abs().sum(-1)
@@ -273,11 +282,11 @@ def oracle_distance(p: torch.Tensor, oracle: torch.Tensor) -> dict[str, float]:
 
 
 def matrix_statistics(p: torch.Tensor, kernel_size: int | None = None, mask: torch.Tensor | None = None,
-                      oracle: torch.Tensor | None = None) -> dict[str, float]:
+                      oracle: torch.Tensor | None = None, layout=None) -> dict[str, float]:
     """The diagnostics of one P (m, n), each a float: row entropy (mean, min, max, and log n for scale), effective
     tokens per row, the effective number of input tokens that receive mass (exp of the column shares' entropy), the
     largest column share against the uniform 1/n, the spread between rows, and where given the
-    mass inside the pooling windows, on ``mask`` and the distance to ``oracle``."""
+    mass inside the pooling windows, near the window centres (``layout``), on ``mask`` and the distance to ``oracle``."""
     p = p.detach().cpu()
     m, n = p.shape
     h = row_entropy(p)
@@ -289,6 +298,8 @@ def matrix_statistics(p: torch.Tensor, kernel_size: int | None = None, mask: tor
            "row_spread": row_spread(p)}
     if kernel_size is not None:
         out["window_mass"] = float(window_mass(p, kernel_size).mean())
+    if layout is not None:
+        out["near_mass"] = float(near_mass(p, layout).mean())
     if mask is not None:
         out["mask_mass"], out["mask_area"] = mask_mass(p, mask.cpu())
     if oracle is not None:

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from compress.analysis import (column_share, effective_tokens, mask_mass, matrix_statistics, oracle_distance,
-                               row_entropy, row_spread, total_variation, window_mass)
+from compress.analysis import (column_share, effective_tokens, mask_mass, matrix_statistics, near_mass,
+                               oracle_distance, row_entropy, row_spread, total_variation, window_mass)
 
 P = torch.tensor([[0.5, 0.5, 0.0, 0.0],
                   [1.0, 0.0, 0.0, 0.0]])
@@ -35,6 +35,21 @@ def test_window_mass_by_hand():
     # kernel 3: windows {0, 1, 2} and {2, 3} (clipped at the end)
     assert window_mass(p, 3).tolist() == pytest.approx([1.0, 1.0])
     assert window_mass(P, 3).tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_near_mass_by_hand():
+    from compress.layout import Layout
+
+    # 4x4 grid, m = 4: centres 2, 6, 10, 14 (row r, column 2), query spacing^2 1/4 in image units, token pitch 1/4:
+    # "near" is within two pitches in a line or one diagonally. Row 0 puts 0.5 one row below its centre (token 6,
+    # near) and 0.5 on token 12 (three rows down, two columns left: far); rows 1-3 sit on their centres.
+    p = torch.zeros(4, 16)
+    p[0, 6] = p[0, 12] = 0.5
+    p[1, 6] = p[2, 10] = p[3, 14] = 1.0
+    assert near_mass(p, Layout.grid(4, 4)).tolist() == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    p[3] = 0.0
+    p[3, 3] = 1.0  # row 3's centre is (3, 2): (0, 3) is three rows up
+    assert matrix_statistics(p, layout=Layout.grid(4, 4))["near_mass"] == pytest.approx(2.5 / 4)
 
 
 def test_total_variation_row_spread_and_oracle_distance_by_hand():

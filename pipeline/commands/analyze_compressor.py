@@ -19,7 +19,8 @@ For each of the first N dialogues, on the model's own features: P of the trained
 initialised one of the same configuration ('init'), and with --oracle-steps the per-image oracle of the same rate.
 For each P: row entropy (nats; log n is a uniform row) and effective tokens per row (exp of it), the effective number
 of input tokens that receive mass, the largest column share, the spread between rows (mean total variation between
-two rows; 0 = every row the same), the mass inside the pooling windows, and, on MT-Shapes with a LLaVA-1.5 grid, the
+two rows; 0 = every row the same), the mass inside the pooling windows and within one query spacing of the window
+centre (image units: whether a row stays where its output slot says), and, on MT-Shapes with a LLaVA-1.5 grid, the
 share of the mass on object patches against their share of the area; the distance to the oracle (total variation of
 the column shares, and of each oracle row to the nearest row of P). Accuracy per turn (own history) and the first
 answer token's KL per turn (teacher history) for the compressor, the oracle and --methods. With a training log, the
@@ -77,7 +78,7 @@ def analyse_compressor_dialogue(adapter, dialogue, compressor, initial, methods:
     for name, mat in (("trained", p), ("init", p0), ("oracle", oracle)):
         if mat is None:
             continue
-        stats = matrix_statistics(mat, compressor.kernel_size, objects, oracle if name != "oracle" else None)
+        stats = matrix_statistics(mat, compressor.kernel_size, objects, oracle if name != "oracle" else None, layout)
         if asked is not None:
             stats["asked_mass"], stats["asked_area"] = matrix_statistics(mat, mask=asked)["mask_mass"], \
                 float(asked.double().mean())
@@ -144,6 +145,7 @@ MATRIX_ROWS = [("row_entropy", "row entropy (nats)", 3), ("log_n", "log n (a uni
                ("max_column_share", "largest column share", 4), ("uniform_share", "uniform share 1/n", 4),
                ("row_spread", "spread between rows (TV; 0 = all rows the same)", 3),
                ("window_mass", "mass inside the pooling windows", 3),
+               ("near_mass", "mass within one query spacing of the window centre", 3),
                ("mask_mass", "mass on object patches", 3), ("mask_area", "object patches' share of the area", 3),
                ("asked_mass", "mass on the asked objects' patches", 3),
                ("asked_area", "asked objects' share of the area", 3),

@@ -252,8 +252,8 @@ def near_mass(p: torch.Tensor, layout) -> torch.Tensor:
     (``compress.metacompress.locality_distances`` <= 1): how much of a row stays where its output slot says it is."""
     from compress.metacompress import locality_distances
 
-    near = locality_distances(layout, p.shape[0]) <= 1.0
-    return (p.double() * near.to(p.device)).sum(1)
+    near = locality_distances(layout, p.shape[0], p.device) <= 1.0
+    return (p.double() * near).sum(1)
 
 
 def total_variation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -89,10 +89,9 @@ def token_coordinates(layout: Layout) -> torch.Tensor:
     return coords
 
 
-@functools.lru_cache(maxsize=64)
-def locality_distances(layout: Layout, m: int) -> torch.Tensor:
-    """(m, n) float32: |c_centre(i) - c_j|^2 / s_i^2 (module doc), the squared distance of token j from query i's
-    window centre in units of the query spacing of i's segment; 0 on the centre token itself."""
+@functools.lru_cache(maxsize=256)
+def _locality_geometry(layout: Layout, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Small per-(layout, m) tables: the query centres' coordinates (m, 2), 1 / s_i^2 (m,), the tokens' (n, 2)."""
     n = layout.num_tokens
     coords = token_coordinates(layout)
     centres = pool_windows(n, m, 1)[0][:, 0]  # (m,) each window's centre token
@@ -102,15 +101,22 @@ def locality_distances(layout: Layout, m: int) -> torch.Tensor:
     for i in sorted(layout.newlines):
         segment_of[i] = segment_of[i - 1] if i > 0 else 0
     query_segment = segment_of[centres].clamp_min(0)
-    spacing_sq = torch.empty(m, dtype=torch.float64)
+    inverse_spacing_sq = torch.empty(m, dtype=torch.float64)
     for k, seg in enumerate(layout.segments):
         mine = query_segment == k
         count = int(mine.sum())
         if count:
             flat = seg.height == 1 or seg.width == 1
-            spacing_sq[mine] = 1.0 / count ** 2 if flat else 1.0 / count
-    distance_sq = (coords[centres][:, None, :] - coords[None, :, :]).pow(2).sum(-1)
-    return (distance_sq / spacing_sq[:, None]).float()
+            inverse_spacing_sq[mine] = float(count ** 2 if flat else count)
+    return coords[centres], inverse_spacing_sq, coords
+
+
+def locality_distances(layout: Layout, m: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(m, n) float32 on ``device``: |c_centre(i) - c_j|^2 / s_i^2 (module doc), the squared distance of token j from
+    query i's window centre in units of the query spacing of i's segment; 0 on the centre token itself. Computed per
+    call from small cached tables (an (m, n) table per layout would cost megabytes at LLaVA-NeXT's n)."""
+    centre_coords, inverse_spacing_sq, coords = (t.to(device, torch.float32) for t in _locality_geometry(layout, m))
+    return (centre_coords[:, None, :] - coords[None, :, :]).pow(2).sum(-1) * inverse_spacing_sq[:, None]
 
 
 def default_layout(n: int) -> Layout:
@@ -183,7 +189,7 @@ class MetaCompress(nn.Module):
         """(m, n) the locality term added to the scores (module doc), or None when ``locality`` is off."""
         if not hasattr(self, "log_locality"):
             return None
-        distances = locality_distances(layout, m).to(self.log_locality.device, self.log_locality.dtype)
+        distances = locality_distances(layout, m, self.log_locality.device).to(self.log_locality.dtype)
         return -self.log_locality.exp() * distances
 
     @property

@@ -32,7 +32,7 @@ def _metacompress(module, n: int, m: int, layout: Layout | None, device) -> Call
     if hasattr(module, "log_locality"):
         from compress.metacompress import locality_distances
 
-        distances = locality_distances(layout, m).to(device, module.log_locality.dtype)
+        distances = locality_distances(layout, m, device).to(module.log_locality.dtype)
     index, valid = pool_windows(n, m, module.kernel_size)
     index, valid = index.to(device), valid.to(device)
     wk, wq, omega = module.w_key, module.w_query, module.omega

@@ -20,7 +20,10 @@ def setup(tmp_path_factory):
     generate(root / "data", 2, seed=3, cfg=MTShapesConfig(image_size=32), val=0, test=0, progress=False)
     torch.manual_seed(5)
     hidden = json.loads((model / "config.json").read_text())["text_config"]["hidden_size"]
-    MetaCompress(hidden, compress_dim=16, reference_grid=(8, 8), generator="normed").save_pretrained(root / "comp")
+    # as the train stage saves one: compute_dtype recorded, here with the locality term too
+    compressor = MetaCompress(hidden, compress_dim=16, reference_grid=(8, 8), generator="normed", locality=1.0)
+    compressor.config["compute_dtype"] = "float32"
+    compressor.save_pretrained(root / "comp")
     (root / "comp" / "train_log.jsonl").write_text(
         "".join(json.dumps({"step": s, "loss": 2.0 / s, "kl": 1.0 / s, "entropy": 0.5, "collapse": 1.0}) + "\n"
                 for s in (1, 2, 3)))
@@ -69,10 +72,10 @@ def test_analyze_compressor_end_to_end(setup):
             enc = adapter.features(adapter.prepare(d.image))
             p = comp(enc.tokens, 16, enc.layout).matrix
         objects = patch_labels(scenes[d.meta.get("scene_id", d.dialogue_id)], 8, 8)["object"].reshape(-1)
-        ref = matrix_statistics(p, 3, torch.from_numpy(objects >= 0))
+        ref = matrix_statistics(p, 3, torch.from_numpy(objects >= 0), layout=enc.layout)
         got = r["matrices"]["trained"]
         for key in ("row_entropy", "effective_tokens", "effective_columns", "row_spread", "window_mass",
-                    "mask_mass", "mask_area"):
+                    "near_mass", "mask_mass", "mask_area"):
             assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
         assert got["mask_area"] == pytest.approx(float(np.mean(objects >= 0)))
         assert 0.0 <= got["oracle_column_tv"] <= 1.0 and 0.0 <= got["oracle_row_tv"] <= 1.0

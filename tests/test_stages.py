@@ -171,9 +171,9 @@ def test_driver_killed_mid_stage_then_rerun_matches_uninterrupted(workspace, ray
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     out_dir = Path(extract.output_uri(config, "train"))
     log = open(workspace / "kill.log", "w")
+    before = alive("FeatureExtractor")
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.commands.cli", "run", str(config_file), "--stages", "extract"],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    before = alive("FeatureExtractor")
     deadline = time.monotonic() + 300
     while not list(out_dir.glob("part-*.parquet")) and time.monotonic() < deadline and driver.poll() is None:
         time.sleep(0.05)

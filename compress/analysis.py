@@ -256,6 +256,14 @@ def near_mass(p: torch.Tensor, layout) -> torch.Tensor:
     return (p.double() * near).sum(1)
 
 
+def rectangle_mass(p: torch.Tensor, layout) -> torch.Tensor:
+    """(m,): each row's mass inside its rectangle of Spatial's pooling matrix (``compress.metacompress.
+    spatial_windows``); 1 for Spatial itself and where a Spatial prior keeps its start."""
+    from compress.metacompress import spatial_windows
+
+    return (p.double() * spatial_windows(layout, p.shape[0], p.device)).sum(1)
+
+
 def total_variation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Total-variation distance ``0.5 * sum |a - b|`` over the last dimension (0: equal, 1: disjoint supports)."""
     return 0.5 * (a.double() - b.double()).abs().sum(-1)
@@ -286,7 +294,7 @@ def matrix_statistics(p: torch.Tensor, kernel_size: int | None = None, mask: tor
     """The diagnostics of one P (m, n), each a float: row entropy (mean, min, max, and log n for scale), effective
     tokens per row, the effective number of input tokens that receive mass (exp of the column shares' entropy), the
     largest column share against the uniform 1/n, the spread between rows, and where given the mass inside the
-    pooling windows, near the window centres (``layout``), on ``mask`` and the distance to ``oracle``."""
+    pooling windows, near the window centres and inside Spatial's rectangles (``layout``), on ``mask`` and the distance to ``oracle``."""
     p = p.detach().cpu()
     m, n = p.shape
     h = row_entropy(p)
@@ -300,6 +308,7 @@ def matrix_statistics(p: torch.Tensor, kernel_size: int | None = None, mask: tor
         out["window_mass"] = float(window_mass(p, kernel_size).mean())
     if layout is not None:
         out["near_mass"] = float(near_mass(p, layout).mean())
+        out["rectangle_mass"] = float(rectangle_mass(p, layout).mean())
     if mask is not None:
         out["mask_mass"], out["mask_area"] = mask_mass(p, mask.cpu())
     if oracle is not None:

@@ -8,6 +8,7 @@ is that step's temporal rotary position (0 for images and for 1-D families).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -56,3 +57,9 @@ class Layout:
         seen = [i for s in self.segments for i in s.indices()] + list(self.newlines)
         if sorted(seen) != list(range(self.num_tokens)):
             raise ValueError(f"layout does not cover tokens 0..{self.num_tokens - 1} exactly once: {self.to_dict()}")
+
+
+def default_layout(n: int) -> Layout:
+    """A square grid when ``n`` is a square (LLaVA-1.5), otherwise one row."""
+    side = math.isqrt(n)
+    return Layout.grid(side, side) if side * side == n else Layout.sequence(n)

@@ -27,6 +27,16 @@ by ``temperature`` alone. ``generator="paper"`` (the default of the class) is eq
 
 A pre-LLM reducer keeps where an object lies only through which output slot holds it; with the paper's P a row can
 gather tokens from anywhere, so the slot says little (the README's per-type losses at 90 %: left/right and height).
+
+``spatial_prior > 0`` (docs/design.md §4.1, ours, with either generator) starts P as Spatial's rectangle averages
+(``compress.baselines.spatial``) and learns a residual from there:
+
+    R_i    = row i's rectangle of Spatial's pooling matrix S (m, n); queries Xq = S Z Wq (the rectangle's mean)
+    P      = softmax_over_n( g * scores - beta * [j not in R_i] ),  g = score_gate (starts at 0),
+                                                                     beta = exp(log_spatial_prior), learned
+
+With g = 0 P is S up to exp(-beta) of mass outside the rectangles, so training starts at Spatial's loss, which the
+paper's start does not reach on plain backgrounds (the README's KL per method on MT-Focus).
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.layout import Layout
+from compress.layout import Layout, default_layout
 from compress.reduction import Reduction
 
 CONFIG_NAME = "config.json"
@@ -119,10 +129,20 @@ def locality_distances(layout: Layout, m: int, device: torch.device | str | None
     return (centre_coords[:, None, :] - coords[None, :, :]).pow(2).sum(-1) * inverse_spacing_sq[:, None]
 
 
-def default_layout(n: int) -> Layout:
-    """A square grid when ``n`` is a square (LLaVA-1.5), otherwise one row."""
-    side = math.isqrt(n)
-    return Layout.grid(side, side) if side * side == n else Layout.sequence(n)
+@functools.lru_cache(maxsize=256)
+def _spatial_rows(layout: Layout, m: int) -> torch.Tensor:
+    """(n,) long: the row of Spatial's pooling matrix whose rectangle holds token j; -1 for a token in none (a
+    newline, a segment given no rows). The rectangles partition each pooled segment, so one index per token says all."""
+    from compress.baselines.spatial import spatial_matrix
+
+    s = spatial_matrix(layout, m)
+    return torch.where(s.sum(0) > 0, s.argmax(0), -1)
+
+
+def spatial_windows(layout: Layout, m: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(m, n) bool on ``device``: token j lies in row i's rectangle of Spatial's pooling matrix."""
+    rows = _spatial_rows(layout, m).to(device)
+    return rows[None, :] == torch.arange(m, device=device)[:, None]
 
 
 class MetaCompress(nn.Module):
@@ -138,7 +158,7 @@ class MetaCompress(nn.Module):
 
     def __init__(self, hidden_size: int, compress_dim: int = 256, kernel_size: int = 3,
                  reference_grid: tuple[int, int] = (24, 24), pooling: str = "avg", generator: str = "paper",
-                 temperature: float = 20.0, locality: float = 0.0) -> None:
+                 temperature: float = 20.0, locality: float = 0.0, spatial_prior: float = 0.0) -> None:
         super().__init__()
         if hidden_size < 1 or compress_dim < 1 or kernel_size < 1:
             raise ValueError("hidden_size, compress_dim and kernel_size must be positive")
@@ -150,6 +170,11 @@ class MetaCompress(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         if not locality >= 0:
             raise ValueError(f"locality must be >= 0 (0: off), got {locality}")
+        if not spatial_prior >= 0:
+            raise ValueError(f"spatial_prior must be >= 0 (0: off), got {spatial_prior}")
+        if spatial_prior > 0 and (locality > 0 or pooling != "avg"):
+            raise ValueError("spatial_prior replaces the pooling windows (and the locality term) by Spatial's "
+                             "rectangle averages: use it with locality 0 and pooling 'avg'")
         self.config = {"model_type": MODEL_TYPE, "hidden_size": hidden_size, "compress_dim": compress_dim,
                        "kernel_size": kernel_size, "reference_grid": list(reference_grid), "pooling": pooling,
                        "generator": generator}
@@ -160,6 +185,13 @@ class MetaCompress(nn.Module):
         if locality > 0:  # absent when off: the paper's module keeps its config and tensors exactly
             self.config["locality"] = float(locality)
             self.log_locality = nn.Parameter(torch.full((1,), math.log(locality)))
+        if spatial_prior > 0:  # absent when off, as locality
+            self.config["spatial_prior"] = float(spatial_prior)
+            self.log_spatial_prior = nn.Parameter(torch.full((1,), math.log(spatial_prior)))
+            self.score_gate = nn.Parameter(torch.zeros(1))
+            # its tokens are rectangle averages: on a 3-D rotary family they take Spatial's positions, not the
+            # 1-D windows' centres (compress.lvlm.base.reduced_positions)
+            self.positions_at_window_centres = False
         self.kernel_size = kernel_size
         self.pooling = pooling
         self.generator = generator
@@ -183,7 +215,8 @@ class MetaCompress(nn.Module):
         return {"hidden_size": config["hidden_size"], "compress_dim": config["compress_dim"],
                 "kernel_size": config["kernel_size"], "reference_grid": tuple(config["reference_grid"]),
                 "pooling": config.get("pooling", "avg"), "generator": config.get("generator", "paper"),
-                "temperature": config.get("temperature", 20.0), "locality": config.get("locality", 0.0)}
+                "temperature": config.get("temperature", 20.0), "locality": config.get("locality", 0.0),
+                "spatial_prior": config.get("spatial_prior", 0.0)}
 
     def locality_bias(self, layout: Layout, m: int) -> torch.Tensor | None:
         """(m, n) the locality term added to the scores (module doc), or None when ``locality`` is off."""
@@ -240,12 +273,19 @@ class MetaCompress(nn.Module):
             z = z * (math.sqrt(z.shape[1]) / z.norm(dim=1, keepdim=True).clamp_min(1e-6))
         z = z + self.position_embeddings(layout)
         keys = z @ self.w_key
-        queries = pool_tokens(z, num_keep, self.kernel_size, self.pooling) @ self.w_query
+        windows = spatial_windows(layout, num_keep, z.device) if hasattr(self, "score_gate") else None
+        if windows is None:
+            queries = pool_tokens(z, num_keep, self.kernel_size, self.pooling) @ self.w_query
+        else:
+            inside = windows.to(z.dtype)
+            queries = (inside / inside.sum(1, keepdim=True)) @ z @ self.w_query
         if self.generator == "normed":
             queries = F.normalize(queries * self.omega, dim=1, eps=1e-6)
             scores = self.log_temperature.exp() * queries @ F.normalize(keys, dim=1, eps=1e-6).T
         else:
             scores = (queries * self.omega) @ keys.T / math.sqrt(self.compress_dim)
+        if windows is not None:
+            return self.score_gate * scores - self.log_spatial_prior.exp() * (~windows).to(scores.dtype)
         bias = self.locality_bias(layout, num_keep)
         return scores if bias is None else scores + bias
 

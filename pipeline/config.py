@@ -125,6 +125,7 @@ class TrainCandidate:
     optimizer: Literal["sgd", "adamw"] | None = None
     generator: Literal["paper", "normed", "auto"] | None = None
     locality: float | None = None
+    spatial_prior: float | None = None
     plateau_start: float | None = None
 
     def overrides(self) -> dict:
@@ -144,6 +145,9 @@ class TrainConfig:
     # The initial strength of the locality term (docs/design.md §4.1, ours): row i of P is pulled toward the tokens
     # near its pooling window's centre, learned from there; 0: off (the paper's P).
     locality: float = 0.0
+    # The initial strength of the Spatial prior (docs/design.md §4.1, ours): P starts as Spatial's rectangle
+    # averages (its scores gated to 0) and learns a residual from there; 0: off (the paper's P).
+    spatial_prior: float = 0.0
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 1e-3
     grad_clip: float = 1e-2
@@ -412,6 +416,12 @@ def _tprl_checks(t: TPRLConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def _with(t: TrainConfig, candidate: TrainCandidate | None, key: str):
+    """The train section's ``key`` as ``candidate`` (None: the section itself) sets it."""
+    value = getattr(candidate, key) if candidate is not None else None
+    return getattr(t, key) if value is None else value
+
+
 def _range_checks(c: PipelineConfig) -> list[tuple[bool, str]]:
     """Ranges a value must be in before any work starts (docs/design.md §8): each message names the key and the fix."""
     d, t = c.data, c.train
@@ -434,6 +444,12 @@ def _range_checks(c: PipelineConfig) -> list[tuple[bool, str]]:
         (t.temperature > 0, "train.temperature must be > 0"),
         (all(v >= 0 for v in [t.locality] + [c.locality for c in t.candidates if c.locality is not None]),
          "train.locality (and a candidate's) must be >= 0 (0: off)"),
+        (all(v >= 0 for v in [t.spatial_prior] + [c.spatial_prior for c in t.candidates
+                                                    if c.spatial_prior is not None]),
+         "train.spatial_prior (and a candidate's) must be >= 0 (0: off)"),
+        (not any(_with(t, c, "spatial_prior") > 0 and _with(t, c, "locality") > 0 for c in [None, *t.candidates]),
+         "train.spatial_prior and train.locality both set (in the train section or one candidate): the Spatial "
+         "prior replaces the locality term; set one of them to 0"),
         (t.entropy_weight >= 0 and t.collapse_weight >= 0, "train.entropy_weight and train.collapse_weight must be >= 0"),
         (t.compressor_dtype == "float32" or c.model.dtype == "bfloat16",
          f"train.compressor_dtype = bfloat16 needs model.dtype: bfloat16 (DeepSpeed's bf16 mode casts the frozen LVLM "
@@ -560,7 +576,7 @@ def validate(config: PipelineConfig) -> PipelineConfig:
          "train.candidates and train.patience choose on the validation KL: set train.validate_every > 0 too"),
         (all(c.overrides() for c in config.train.candidates),
          "train.candidates: an entry sets nothing; give at least one of entropy_weight, collapse_weight, lr, "
-         "optimizer, generator, locality, plateau_start"),
+         "optimizer, generator, locality, spatial_prior, plateau_start"),
         (config.train.max_failures >= -1, "train.max_failures must be >= 0 (or -1: retry forever)"),
         (config.evaluate.num_actors > 0, "evaluate.num_actors must be positive"),
         (config.evaluate.batch_size > 0 and config.evaluate.max_new_tokens > 0,

@@ -75,7 +75,7 @@ def test_analyze_compressor_end_to_end(setup):
         ref = matrix_statistics(p, 3, torch.from_numpy(objects >= 0), layout=enc.layout)
         got = r["matrices"]["trained"]
         for key in ("row_entropy", "effective_tokens", "effective_columns", "row_spread", "window_mass",
-                    "near_mass", "mask_mass", "mask_area"):
+                    "near_mass", "rectangle_mass", "mask_mass", "mask_area"):
             assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
         assert got["mask_area"] == pytest.approx(float(np.mean(objects >= 0)))
         assert 0.0 <= got["oracle_column_tv"] <= 1.0 and 0.0 <= got["oracle_row_tv"] <= 1.0

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from compress.analysis import (column_share, effective_tokens, mask_mass, matrix_statistics, near_mass,
-                               oracle_distance, row_entropy, row_spread, total_variation, window_mass)
+                               oracle_distance, rectangle_mass, row_entropy, row_spread, total_variation,
+                               window_mass)
 
 P = torch.tensor([[0.5, 0.5, 0.0, 0.0],
                   [1.0, 0.0, 0.0, 0.0]])
@@ -50,6 +51,19 @@ def test_near_mass_by_hand():
     p[3] = 0.0
     p[3, 3] = 1.0  # row 3's centre is (3, 2): (0, 3) is three rows up
     assert matrix_statistics(p, layout=Layout.grid(4, 4))["near_mass"] == pytest.approx(2.5 / 4)
+
+
+def test_rectangle_mass_by_hand():
+    from compress.layout import Layout
+
+    # 4x4 grid, m = 4: Spatial's rectangles are the 2x2 quadrants, rows 0-1 top-left / top-right, 2-3 bottom.
+    p = torch.zeros(4, 16)
+    p[0, 0] = p[0, 5] = 0.5  # both in the top-left quadrant
+    p[1, 2], p[1, 15] = 0.25, 0.75  # top-right, then bottom-right (not its own)
+    p[2, 8] = 1.0  # bottom-left
+    p[3] = 1.0 / 16  # uniform: a quarter inside
+    assert rectangle_mass(p, Layout.grid(4, 4)).tolist() == pytest.approx([1.0, 0.25, 1.0, 0.25])
+    assert matrix_statistics(p, layout=Layout.grid(4, 4))["rectangle_mass"] == pytest.approx(2.5 / 4)
 
 
 def test_total_variation_row_spread_and_oracle_distance_by_hand():

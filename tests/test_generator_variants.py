@@ -208,3 +208,93 @@ def test_locality_round_trips_with_its_learned_strength(tmp_path):
     x = features(1.0, 1.0)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, 14).matrix, module(x, 14).matrix)
+
+
+def plain_rectangles(height: int, width: int, bands: list[list[int]]) -> list[set[int]]:
+    """Row-major token sets of rectangles given, per horizontal band (equal split of the rows), its cells' column
+    counts (equal split of the columns), written out without the project's code."""
+    out = []
+    for b, cols in enumerate(bands):
+        r0, r1 = b * height // len(bands), (b + 1) * height // len(bands)
+        for c in range(cols[0]):
+            c0, c1 = c * width // cols[0], (c + 1) * width // cols[0]
+            out.append({r * width + k for r in range(r0, r1) for k in range(c0, c1)})
+    return out
+
+
+def test_spatial_windows_are_spatials_rectangles_by_hand():
+    from compress.metacompress import spatial_windows
+
+    # 4x4 grid, 4 rows of P: 2 bands of 2 cells, the four 2x2 quadrants
+    quads = plain_rectangles(4, 4, [[2], [2]])
+    expected = torch.tensor([[j in q for j in range(16)] for q in quads])
+    assert torch.equal(spatial_windows(Layout.grid(4, 4), 4), expected)
+    # 6x6 grid, 5 rows: round(6 * sqrt(5 / 36)) = 2 bands of 3 and 2 cells
+    rects = plain_rectangles(6, 6, [[3], [2]])
+    assert torch.equal(spatial_windows(Layout.grid(6, 6), 5),
+                       torch.tensor([[j in r for j in range(36)] for r in rects]))
+
+
+def test_spatial_prior_starts_as_spatial_exactly_and_learns_a_residual():
+    """With the score gate at 0, P is Spatial's pooling matrix up to exp(-beta) outside the rectangles, with either
+    generator and on a layout with newlines; logits = gate * scores - beta * outside; the gradient reaches the gate
+    and beta, and the projections get theirs once the gate has moved."""
+    from compress.baselines.spatial import spatial_matrix
+    from compress.layout import Segment
+    from compress.metacompress import spatial_windows
+
+    next_like = Layout(12, (Segment("base", 2, 2, 0, 2), Segment("crops", 2, 3, 4, 4)), (7, 11))
+    for layout, m in ((Layout.grid(SIDE, SIDE), 14), (next_like, 4)):
+        n = layout.num_tokens
+        x = torch.randn(n, D) * 5.0
+        for generator in ("paper", "normed"):
+            torch.manual_seed(0)
+            prior = MetaCompress(D, compress_dim=64, reference_grid=(SIDE, SIDE), generator=generator,
+                                 spatial_prior=12.0)
+            assert not prior.positions_at_window_centres
+            red = prior(x, m, layout)
+            torch.testing.assert_close(red.matrix, spatial_matrix(layout, m), atol=n * math.exp(-12.0), rtol=0)
+            (red.tokens * torch.randn_like(red.tokens)).sum().backward()
+            assert float(prior.score_gate.grad.abs()) > 0 and float(prior.log_spatial_prior.grad.abs()) > 0
+            assert float(prior.w_query.grad.abs().max()) == 0.0  # gated off at the start
+            with torch.no_grad():
+                prior.score_gate.fill_(0.7)
+                prior.log_spatial_prior.fill_(math.log(3.0))
+                outside = (~spatial_windows(layout, m)).float()
+                # the scores the same generator gives with these rectangle-mean queries, from a module without the
+                # prior whose pooling windows are Spatial's rectangles: written out from the definition
+                z = x
+                if generator == "normed":
+                    z = z - z.mean(0)
+                    z = z / z.norm(dim=1, keepdim=True) * math.sqrt(D)
+                z = z + prior.position_embeddings(layout)
+                inside = 1.0 - outside
+                q = (inside / inside.sum(1, keepdim=True)) @ z @ prior.w_query
+                k = z @ prior.w_key
+                if generator == "normed":
+                    scores = prior.log_temperature.exp() * F.normalize(q * prior.omega, dim=1) @ F.normalize(k, dim=1).T
+                else:
+                    scores = (q * prior.omega) @ k.T / math.sqrt(64)
+                torch.testing.assert_close(prior.logits(x, m, layout), 0.7 * scores - 3.0 * outside,
+                                           rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="locality"):
+        MetaCompress(D, spatial_prior=5.0, locality=1.0)
+    with pytest.raises(ValueError, match="spatial_prior"):
+        MetaCompress(D, spatial_prior=-1.0)
+    off = MetaCompress(D)
+    assert "spatial_prior" not in off.config and not hasattr(off, "score_gate") and off.positions_at_window_centres
+
+
+def test_spatial_prior_round_trips_with_its_learned_gate_and_strength(tmp_path):
+    torch.manual_seed(0)
+    module = MetaCompress(D, compress_dim=64, reference_grid=(SIDE, SIDE), spatial_prior=10.0)
+    with torch.no_grad():
+        module.log_spatial_prior.fill_(math.log(2.0))
+        module.score_gate.fill_(0.25)
+    module.save_pretrained(tmp_path / "c")
+    loaded = MetaCompress.from_pretrained(tmp_path / "c")
+    assert loaded.config["spatial_prior"] == 10.0 and not loaded.positions_at_window_centres
+    assert float(loaded.score_gate) == 0.25 and float(loaded.log_spatial_prior.exp()) == pytest.approx(2.0)
+    x = features(1.0, 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 14).matrix, module(x, 14).matrix)

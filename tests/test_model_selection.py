@@ -92,6 +92,24 @@ def test_locality_unset_keeps_earlier_runs_reusable_and_set_is_part_of_the_hash(
         config_from_dict({"model": {"path": "m"}, "train": {"locality": -0.5}})
 
 
+def test_spatial_prior_unset_keeps_earlier_runs_reusable_and_excludes_locality():
+    from pipeline.config import ConfigError, config_from_dict
+    from stages.train.driver import candidate_configs, run_hash
+
+    base = {"model": {"path": "m"}, "train": {"validate_every": 5, "candidates": [{"lr": 0.01}]}}
+    plan = {"identity": ["data"]}
+    assert run_hash(config_from_dict(base), 0.9, plan) == "2c7f7a745f7e78e3"  # as before the option existed
+    prior = config_from_dict({**base, "train": {**base["train"], "candidates": [{"spatial_prior": 10.0}]}})
+    variants = candidate_configs(prior)
+    assert [v.train.spatial_prior for v in variants] == [0.0, 10.0]
+    assert run_hash(variants[1], 0.9, plan) != run_hash(variants[0], 0.9, plan)
+    for bad, match in (({"spatial_prior": -1.0}, "spatial_prior"),
+                       ({"locality": 1.0, "candidates": [{"spatial_prior": 10.0}]}, "replaces the locality"),
+                       ({"candidates": [{"spatial_prior": 10.0, "locality": 1.0}]}, "replaces the locality")):
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict({"model": {"path": "m"}, "train": {"validate_every": 5, **bad}})
+
+
 def test_standing_names_every_method_not_beaten():
     from pipeline.reports import results_markdown, standing
 

@@ -125,7 +125,12 @@ def test_fused_reducers_equal_the_modules(compressor):
     d = x.shape[1]
     modules = [compressor, MetaCompress(d, compress_dim=16, generator="normed").eval(),
                MetaCompress(d, compress_dim=16, locality=1.5).eval(),
-               MetaCompress(d, compress_dim=16, generator="normed", locality=0.5).eval()]
+               MetaCompress(d, compress_dim=16, generator="normed", locality=0.5).eval(),
+               MetaCompress(d, compress_dim=16, spatial_prior=6.0).eval(),
+               MetaCompress(d, compress_dim=16, generator="normed", spatial_prior=6.0).eval()]
+    with torch.no_grad():  # a gate that has moved, so that the scores count
+        for module in modules[-2:]:
+            module.score_gate.fill_(0.5)
     for fn in (*modules, sample_reduce):
         fused = fused_reducer(fn, 64, 13, layout, x.device)
         torch.testing.assert_close(fused(x), fn(x, 13, layout).tokens, atol=1e-6, rtol=1e-5)

@@ -240,7 +240,8 @@ def test_early_stopping_and_candidates_keep_the_lowest_validation_kl(train_works
         directory = f"{rate_dir(config, RATE)}/candidate-{i}/compressor"
         log = [json.loads(line) for line in open(f"{directory}/train_log.jsonl")]
         validated = [(row["val_kl"], row["step"]) for row in log if "val_kl" in row]
-        assert [step for _, step in validated] == list(range(2, 2 * len(validated) + 1, 2))
+        # the initial weights are validated too (step 0), then every 2 steps
+        assert [step for _, step in validated] == list(range(0, 2 * len(validated), 2))
         assert min(validated)[0] == pytest.approx(kls[i])
         assert validation_kl(config, directory) == pytest.approx(kls[i], rel=1e-4)
         # patience 1 from step 8 on (plateau_start 0.5 of 16 steps): stops at the first validation after step 8

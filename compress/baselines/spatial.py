@@ -12,8 +12,7 @@ import math
 
 import torch
 
-from compress.layout import Layout, Segment
-from compress.metacompress import default_layout
+from compress.layout import Layout, Segment, default_layout
 from compress.reduction import Reduction
 
 

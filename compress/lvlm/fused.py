@@ -4,7 +4,7 @@ host-to-device copies, and can be captured in a CUDA graph.
 
 ``fused_reducer(fn, n, m, layout, device)`` -> ``f(x (n, d)) -> tokens (m, d)``, or None when ``fn`` has no fused
 form (then the caller runs ``fn`` itself). MetaCompress (both generators, "paper" and "normed", with or without
-locality) gives the tokens of ``MetaCompress.forward`` (the same operations in the same order); Sample the same
+locality or a Spatial prior) gives the tokens of ``MetaCompress.forward`` (the same operations in the same order); Sample the same
 gather.
 """
 
@@ -20,7 +20,8 @@ from compress.layout import Layout
 
 
 def _metacompress(module, n: int, m: int, layout: Layout | None, device) -> Callable | None:
-    from compress.metacompress import default_layout, pool_windows
+    from compress.layout import default_layout
+    from compress.metacompress import pool_windows, spatial_windows
 
     generator = getattr(module, "generator", "paper")
     if generator not in ("paper", "normed"):
@@ -34,6 +35,11 @@ def _metacompress(module, n: int, m: int, layout: Layout | None, device) -> Call
         from compress.metacompress import locality_distances
 
         distances = locality_distances(layout, m, device).to(module.log_locality.dtype)
+    outside = query_pool = None
+    if hasattr(module, "score_gate"):
+        inside = spatial_windows(layout, m, device)
+        outside = (~inside).to(module.log_spatial_prior.dtype)
+        query_pool = inside.to(module.w_key.dtype) / inside.sum(1, keepdim=True).to(module.w_key.dtype)
     index, valid = pool_windows(n, m, module.kernel_size)
     index, valid = index.to(device), valid.to(device)
     wk, wq, omega = module.w_key, module.w_query, module.omega
@@ -50,7 +56,9 @@ def _metacompress(module, n: int, m: int, layout: Layout | None, device) -> Call
         z = z + pos
         keys = z @ wk
         windows = z[index]  # (m, k, d)
-        if avg:
+        if query_pool is not None:
+            pooled = query_pool @ z
+        elif avg:
             pooled = torch.einsum("mk,mkd->md", weights, windows)
         else:
             pooled = windows.masked_fill(~valid[..., None], float("-inf")).amax(1)
@@ -60,6 +68,8 @@ def _metacompress(module, n: int, m: int, layout: Layout | None, device) -> Call
             scores = module.log_temperature.exp() * queries @ F.normalize(keys, dim=1, eps=1e-6).T
         else:
             scores = (queries * omega) @ keys.T / scale  # (m, n)
+        if outside is not None:
+            scores = module.score_gate * scores - module.log_spatial_prior.exp() * outside
         if distances is not None:
             scores = scores + -module.log_locality.exp() * distances
         p = scores.softmax(-1)

@@ -146,6 +146,7 @@ MATRIX_ROWS = [("row_entropy", "row entropy (nats)", 3), ("log_n", "log n (a uni
                ("row_spread", "spread between rows (TV; 0 = all rows the same)", 3),
                ("window_mass", "mass inside the pooling windows", 3),
                ("near_mass", "mass within one query spacing of the window centre", 3),
+               ("rectangle_mass", "mass inside the row's rectangle of Spatial", 3),
                ("mask_mass", "mass on object patches", 3), ("mask_area", "object patches' share of the area", 3),
                ("asked_mass", "mass on the asked objects' patches", 3),
                ("asked_area", "asked objects' share of the area", 3),

@@ -86,10 +86,10 @@ def run_hash(config: PipelineConfig, rate: float, plan: dict) -> str:
     train = {k: v for k, v in config.to_dict()["train"].items()
              if k not in ("rates", "checkpoint_every", "max_failures", "heldout_dialogues", "activation_checkpointing")}
     # later options: unset they change nothing, so earlier runs stay reusable
-    for key in ("plateau_start", "locality"):
+    for key in ("plateau_start", "locality", "spatial_prior"):
         if not train[key]:
             del train[key]
-    train["candidates"] = [{k: v for k, v in c.items() if not (k == "locality" and v is None)}
+    train["candidates"] = [{k: v for k, v in c.items() if not (k in ("locality", "spatial_prior") and v is None)}
                            for c in train["candidates"]]
     return config_hash({"train": train, "rate": rate, "data": plan["identity"]})[:16]
 
@@ -198,9 +198,9 @@ def _train_candidates(config: PipelineConfig, rate: float, plan: dict, heldout: 
         done = _finished(marker, rhash, f"{out}/compressor")
         if done is None:
             t = variant.train
-            log.info("train: rate %s, candidate %d: optimizer %s, lr %g, generator %s, locality %g, entropy/collapse "
-                     "weights %g/%g", rate, i, t.optimizer, t.lr, t.generator, t.locality, t.entropy_weight,
-                     t.collapse_weight)
+            log.info("train: rate %s, candidate %d: optimizer %s, lr %g, generator %s, locality %g, spatial prior %g, "
+                     "entropy/collapse weights %g/%g", rate, i, t.optimizer, t.lr, t.generator, t.locality,
+                     t.spatial_prior, t.entropy_weight, t.collapse_weight)
             metrics = train_rate(variant, rate, plan, heldout, tracking_run_id, validation, f"{out}/compressor")
             write_trained_marker(str(marker), f"{out}/compressor", {"run_hash": rhash, "metrics": metrics})
             done = {"metrics": metrics}

@@ -164,7 +164,8 @@ def build_student(adapter, train_cfg, seed: int):
                                          train_cfg.kernel_size, reference_grid=adapter.reference_grid,
                                          generator=train_cfg.generator,
                                          temperature=train_cfg.temperature,
-                                         locality=train_cfg.locality).to(
+                                         locality=train_cfg.locality,
+                                         spatial_prior=train_cfg.spatial_prior).to(
         adapter.device, getattr(torch, train_cfg.compressor_dtype))
     return _student_module()(compressor, adapter, train_cfg.entropy_weight, train_cfg.collapse_weight,
                              train_cfg.activation_checkpointing)

@@ -105,8 +105,9 @@ def train_loop(cfg: dict) -> None:
     validation = cfg.get("validation") if tc.validate_every > 0 else None
     stopping = EarlyStopping.from_dict(tc.patience, extra.get("early_stopping"), tc.lr_decay_on_plateau)
     best_dir = f"{cfg['compressor_dir']}.best"
-    best_state = _read_best(best_dir, extra.get("best_sha256")) if validation and stopping.best_step else None
-    if validation and stopping.best_step and best_state is None:  # its file is gone or changed: start the search over
+    has_best = stopping.best_kl < float("inf")  # the best may be the initial weights (step 0)
+    best_state = _read_best(best_dir, extra.get("best_sha256")) if validation and has_best else None
+    if validation and has_best and best_state is None:  # its file is gone or changed: start the search over
         stopping = EarlyStopping(tc.patience, decay=tc.lr_decay_on_plateau)
     set_lr(engine, tc.lr * stopping.lr_scale)  # a resumed run goes on at the rate it had reached
 
@@ -124,7 +125,22 @@ def train_loop(cfg: dict) -> None:
     crash_after = cfg.get("crash_after_step")
     setup_seconds, first_step = time.perf_counter() - started, step
     curve: list[dict] = []  # this attempt's steps, saved beside the compressor (analyze compressor plots them)
+    def validate() -> None:
+        # Early stopping on the validation split (docs/design.md §4.2): every rank gets the same all-reduced KL.
+        nonlocal best_state, best_sha
+        last["val_kl"] = kl_pass(engine, validation, val_source, rate, rank, world, micro)["metacompress"]
+        improved = stopping.update(last["val_kl"], step, count=step > tc.plateau_start * total)
+        set_lr(engine, tc.lr * stopping.lr_scale)
+        if improved:
+            best_state = full_fp32_state(student.compressor)  # a collective under ZeRO
+            best_sha = _broadcast_text(_write_best(student.compressor.config, best_state, tc.compressor_dtype,
+                                                   best_dir) if rank == 0 else None, rank)
+
     engine.train()
+    if validation and step == 0:  # the start competes too: with a Spatial prior it is Spatial's pooling
+        validate()
+        metrics_log.add(last, 0)
+        curve.append({"step": 0, **last})
     batches = _batches(source, plan, lambda s: batch_keys(plan["shard_rows"], tc.seed, s, rank, world, rows,
                                                           per_epoch, tc.shuffle_shards), step, total, tc.zero_stage)
     while step < total and not (validation and stopping.stop):  # a resumed run that had stopped stays stopped
@@ -135,14 +151,7 @@ def train_loop(cfg: dict) -> None:
         last = {**out, "lr": engine.get_lr()[0], "step_seconds": seconds,
                 "dialogues_per_second": rows * world / seconds, "epoch": (step - 1) // per_epoch}
         if validation and (step % tc.validate_every == 0 or step == total):
-            # Early stopping on the validation split (docs/design.md §4.2): every rank gets the same all-reduced KL.
-            last["val_kl"] = kl_pass(engine, validation, val_source, rate, rank, world, micro)["metacompress"]
-            improved = stopping.update(last["val_kl"], step, count=step > tc.plateau_start * total)
-            set_lr(engine, tc.lr * stopping.lr_scale)
-            if improved:
-                best_state = full_fp32_state(student.compressor)  # a collective under ZeRO
-                best_sha = _broadcast_text(_write_best(student.compressor.config, best_state, tc.compressor_dtype,
-                                                       best_dir) if rank == 0 else None, rank)
+            validate()
         metrics_log.add(last, step)
         curve.append({"step": step, **last})
         if validation and stopping.stop:

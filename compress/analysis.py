@@ -294,7 +294,8 @@ def matrix_statistics(p: torch.Tensor, kernel_size: int | None = None, mask: tor
     """The diagnostics of one P (m, n), each a float: row entropy (mean, min, max, and log n for scale), effective
     tokens per row, the effective number of input tokens that receive mass (exp of the column shares' entropy), the
     largest column share against the uniform 1/n, the spread between rows, and where given the mass inside the
-    pooling windows, near the window centres and inside Spatial's rectangles (``layout``), on ``mask`` and the distance to ``oracle``."""
+    pooling windows, near the window centres and inside Spatial's rectangles (``layout``), on ``mask`` and the
+    distance to ``oracle``."""
     p = p.detach().cpu()
     m, n = p.shape
     h = row_entropy(p)

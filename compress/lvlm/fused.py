@@ -4,8 +4,8 @@ host-to-device copies, and can be captured in a CUDA graph.
 
 ``fused_reducer(fn, n, m, layout, device)`` -> ``f(x (n, d)) -> tokens (m, d)``, or None when ``fn`` has no fused
 form (then the caller runs ``fn`` itself). MetaCompress (both generators, "paper" and "normed", with or without
-locality or a Spatial prior) gives the tokens of ``MetaCompress.forward`` (the same operations in the same order); Sample the same
-gather.
+locality or a Spatial prior) gives the tokens of ``MetaCompress.forward`` (the same operations in the same order);
+Sample the same gather.
 """
 
 from __future__ import annotations

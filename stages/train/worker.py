@@ -125,6 +125,7 @@ def train_loop(cfg: dict) -> None:
     crash_after = cfg.get("crash_after_step")
     setup_seconds, first_step = time.perf_counter() - started, step
     curve: list[dict] = []  # this attempt's steps, saved beside the compressor (analyze compressor plots them)
+
     def validate() -> None:
         # Early stopping on the validation split (docs/design.md §4.2): every rank gets the same all-reduced KL.
         nonlocal best_state, best_sha

@@ -145,6 +145,13 @@ def spatial_windows(layout: Layout, m: int, device: torch.device | str | None = 
     return rows[None, :] == torch.arange(m, device=device)[:, None]
 
 
+def spatial_prior_tables(layout: Layout, m: int, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, n) Spatial's averaging matrix (the queries' pooling under a Spatial prior) and (m, n) 1.0 where token j lies
+    outside row i's rectangle (the tokens the prior's ``-beta`` falls on), both in ``dtype``."""
+    inside = spatial_windows(layout, m, device).to(dtype)
+    return inside / inside.sum(1, keepdim=True), 1.0 - inside
+
+
 class MetaCompress(nn.Module):
     """The MetaCompress generator.
 
@@ -273,19 +280,18 @@ class MetaCompress(nn.Module):
             z = z * (math.sqrt(z.shape[1]) / z.norm(dim=1, keepdim=True).clamp_min(1e-6))
         z = z + self.position_embeddings(layout)
         keys = z @ self.w_key
-        windows = spatial_windows(layout, num_keep, z.device) if hasattr(self, "score_gate") else None
-        if windows is None:
+        prior = spatial_prior_tables(layout, num_keep, z.device, z.dtype) if hasattr(self, "score_gate") else None
+        if prior is None:
             queries = pool_tokens(z, num_keep, self.kernel_size, self.pooling) @ self.w_query
         else:
-            inside = windows.to(z.dtype)
-            queries = (inside / inside.sum(1, keepdim=True)) @ z @ self.w_query
+            queries = prior[0] @ z @ self.w_query
         if self.generator == "normed":
             queries = F.normalize(queries * self.omega, dim=1, eps=1e-6)
             scores = self.log_temperature.exp() * queries @ F.normalize(keys, dim=1, eps=1e-6).T
         else:
             scores = (queries * self.omega) @ keys.T / math.sqrt(self.compress_dim)
-        if windows is not None:
-            return self.score_gate * scores - self.log_spatial_prior.exp() * (~windows).to(scores.dtype)
+        if prior is not None:
+            return self.score_gate * scores - self.log_spatial_prior.exp() * prior[1]
         bias = self.locality_bias(layout, num_keep)
         return scores if bias is None else scores + bias
 

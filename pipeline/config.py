@@ -442,10 +442,9 @@ def _range_checks(c: PipelineConfig) -> list[tuple[bool, str]]:
         (t.compress_dim >= 1 and t.kernel_size >= 1, "train.compress_dim and train.kernel_size must be >= 1"),
         (t.grad_clip > 0, "train.grad_clip must be > 0"),
         (t.temperature > 0, "train.temperature must be > 0"),
-        (all(v >= 0 for v in [t.locality] + [c.locality for c in t.candidates if c.locality is not None]),
+        (all(_with(t, c, "locality") >= 0 for c in [None, *t.candidates]),
          "train.locality (and a candidate's) must be >= 0 (0: off)"),
-        (all(v >= 0 for v in [t.spatial_prior] + [c.spatial_prior for c in t.candidates
-                                                    if c.spatial_prior is not None]),
+        (all(_with(t, c, "spatial_prior") >= 0 for c in [None, *t.candidates]),
          "train.spatial_prior (and a candidate's) must be >= 0 (0: off)"),
         (not any(_with(t, c, "spatial_prior") > 0 and _with(t, c, "locality") > 0 for c in [None, *t.candidates]),
          "train.spatial_prior and train.locality both set (in the train section or one candidate): the Spatial "

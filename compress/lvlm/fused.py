@@ -21,7 +21,7 @@ from compress.layout import Layout
 
 def _metacompress(module, n: int, m: int, layout: Layout | None, device) -> Callable | None:
     from compress.layout import default_layout
-    from compress.metacompress import pool_windows, spatial_windows
+    from compress.metacompress import pool_windows, spatial_prior_tables
 
     generator = getattr(module, "generator", "paper")
     if generator not in ("paper", "normed"):
@@ -35,11 +35,9 @@ def _metacompress(module, n: int, m: int, layout: Layout | None, device) -> Call
         from compress.metacompress import locality_distances
 
         distances = locality_distances(layout, m, device).to(module.log_locality.dtype)
-    outside = query_pool = None
+    query_pool = outside = None
     if hasattr(module, "score_gate"):
-        inside = spatial_windows(layout, m, device)
-        outside = (~inside).to(module.log_spatial_prior.dtype)
-        query_pool = inside.to(module.w_key.dtype) / inside.sum(1, keepdim=True).to(module.w_key.dtype)
+        query_pool, outside = spatial_prior_tables(layout, m, device, module.w_key.dtype)
     index, valid = pool_windows(n, m, module.kernel_size)
     index, valid = index.to(device), valid.to(device)
     wk, wq, omega = module.w_key, module.w_query, module.omega
@@ -55,13 +53,12 @@ def _metacompress(module, n: int, m: int, layout: Layout | None, device) -> Call
             z = z * (math.sqrt(z.shape[1]) / z.norm(dim=1, keepdim=True).clamp_min(1e-6))
         z = z + pos
         keys = z @ wk
-        windows = z[index]  # (m, k, d)
         if query_pool is not None:
             pooled = query_pool @ z
         elif avg:
-            pooled = torch.einsum("mk,mkd->md", weights, windows)
+            pooled = torch.einsum("mk,mkd->md", weights, z[index])  # z[index]: (m, k, d)
         else:
-            pooled = windows.masked_fill(~valid[..., None], float("-inf")).amax(1)
+            pooled = z[index].masked_fill(~valid[..., None], float("-inf")).amax(1)
         queries = pooled @ wq
         if normed:
             queries = F.normalize(queries * omega, dim=1, eps=1e-6)

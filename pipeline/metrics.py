@@ -26,12 +26,14 @@ Rules followed (docs/design.md §3.5):
   references our rule gives the lmms-eval result.
 * **Per turn** (:func:`per_turn_accuracy`): Acc_t is the mean score of turn t over the dialogues that have a turn t.
   Avg is the mean of Acc_1..Acc_T. Both are reported in percent, as the official evaluator reports.
+* **Two methods compared** (:func:`paired_avg_difference`): the difference of their Avg over the same dialogues, with
+  its standard error from the per-dialogue spread (the dialogues are the independent draws).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 # The official tables (GT-Vision-Lab/VQA vqaEval.py). The keys are the forms without an apostrophe.
 CONTRACTIONS: dict[str, str] = {
@@ -201,3 +203,31 @@ def per_turn_accuracy(scores: Sequence[Sequence[float]]) -> dict[str, float]:
     out = {f"Acc_{t + 1}": 100.0 * sums[t] / counts[t] for t in range(len(sums))}
     out["Avg"] = sum(out.values()) / len(sums)
     return out
+
+
+def paired_avg_difference(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]]
+                          ) -> tuple[float, float | None, int]:
+    """Avg of ``a`` minus Avg of ``b`` (:func:`per_turn_accuracy`, points) over the dialogues both hold (dialogue
+    id -> score per turn), its standard error (None below two dialogues) and the number of dialogues N.
+
+    The difference is a sum over dialogues of ``c_i = 100 * sum_t (a_it - b_it) / (T * n_t)`` (``n_t``: dialogues
+    reaching turn t). The dialogues are independent draws, so its variance is estimated by ``N * var(c)`` (sample
+    variance); with equal lengths this is the familiar ``sd(d) / sqrt(N)`` of the per-dialogue differences ``d``.
+    Pairing removes what both methods get right or wrong on the same dialogue, which is most of the noise.
+    """
+    common = [k for k in a if k in b]
+    if not common:
+        raise ValueError("the two methods share no evaluated dialogue")
+    for k in common:
+        if len(a[k]) != len(b[k]) or not a[k]:
+            raise ValueError(f"dialogue {k}: {len(a[k])} against {len(b[k])} turn scores; a paired comparison needs "
+                             f"the same turns on both sides")
+    turns = max(len(a[k]) for k in common)
+    reach = [sum(len(a[k]) > t for k in common) for t in range(turns)]
+    c = [100.0 * sum((float(x) - float(y)) / reach[t] for t, (x, y) in enumerate(zip(a[k], b[k]))) / turns
+         for k in common]
+    n = len(c)
+    if n < 2:
+        return sum(c), None, n
+    mean = sum(c) / n
+    return sum(c), (n * sum((v - mean) ** 2 for v in c) / (n - 1)) ** 0.5, n

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from statistics import NormalDist
 
 LABELS = {"full": "Base", "random": "Random", "sample": "Sample", "spatial": "Spatial", "fastv": "FastV",
           "fastv_k1": "FastV (K=1)", "tome": "ToMe", "prumerge": "PruMerge", "prumerge_plus": "PruMerge+",
@@ -25,6 +26,7 @@ LABELS = {"full": "Base", "random": "Random", "sample": "Sample", "spatial": "Sp
 EFFICIENCY_COLUMNS = [("TTFT (ms)", "ttft_ms", "ttft_ms_std"), ("E2ET (ms)", "e2e_ms", "e2e_ms_std"),
                       ("Mem. (GB)", "peak_mem_gb", None), ("TFLOPs", "tflops", None),
                       ("KV cache", "kv_cache_len", None), ("Visual tokens", "visual_tokens", None)]
+Z95 = NormalDist().inv_cdf(0.975)  # the half-width of a 95 % normal interval, in standard errors
 
 
 def label(method: str) -> str:
@@ -58,13 +60,17 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def results_rows(summaries: list[dict]) -> tuple[list[str], list[list]]:
-    """Header and rows of the results table: rate, method, Acc_1..Acc_T, Avg, Agree (teacher agreement, %)."""
+    """Header and rows of the results table: rate, method, Acc_1..Acc_T, Avg, Agree (teacher agreement, %), and
+    where MetaCompress ran at that rate its paired gap to the row (``vs_MetaCompress``, points) and the half-width
+    of that gap's 95 % interval (``vs_MetaCompress_ci95``)."""
     turns = turn_columns(summaries)
-    header = ["rate", "method"] + turns + ["Avg", "Agree"]
+    header = ["rate", "method"] + turns + ["Avg", "Agree", "vs_MetaCompress", "vs_MetaCompress_ci95"]
     rows = []
     for rate, members in blocks(summaries):
         for s in members:
-            rows.append([rate, label(s["method"])] + [s.get(t) for t in turns] + [s["Avg"], s.get("agreement")])
+            se = s.get("vs_metacompress_se")
+            rows.append([rate, label(s["method"])] + [s.get(t) for t in turns] + [s["Avg"], s.get("agreement"),
+                        s.get("vs_metacompress"), None if se is None else Z95 * se])
     return header, rows
 
 
@@ -112,21 +118,38 @@ def results_markdown(summaries: list[dict], title: str = "Accuracy per turn (%)"
         lines += ["", standing(members), ""] if any(s["method"] == "metacompress" for s in members) else [""]
     lines.append("Agree: share of turns whose answer equals the full-token model's answer (%)."
                  + (" ± : standard deviation over `evaluate.seeds` (stochastic methods)."
-                    if any(s.get("Avg_std") is not None for s in summaries) else ""))
+                    if any(s.get("Avg_std") is not None for s in summaries) else "")
+                 + (" Gap: MetaCompress's Avg minus the method's, over the dialogues both evaluated, ± the 95 % "
+                    "interval of that paired difference (pipeline.metrics.paired_avg_difference)."
+                    if any(s.get("vs_metacompress") is not None for s in summaries) else ""))
     return "\n".join(lines) + "\n"
 
 
 def standing(members: list[dict]) -> str:
     """One line on MetaCompress against the other reduced methods of one rate: which it does not beat (Avg at
-    least its own), or that it beats every one."""
+    least its own), or that it beats every one. Where the summaries carry the paired difference
+    (``vs_metacompress``, stages.evaluate.summary), each gap is given with its 95 % interval."""
     ours = next(s["Avg"] for s in members if s["method"] == "metacompress")
     if ours is None:
         return ""
     others = [s for s in members if s["method"] not in ("full", "metacompress") and s["Avg"] is not None]
-    unbeaten = [f"{label(s['method'])} ({_fmt(s['Avg'])})" for s in others if s["Avg"] >= ours]
+    unbeaten = [f"{label(s['method'])} ({_fmt(s['Avg'])}{_gap(s, ', gap ')})" for s in others if s["Avg"] >= ours]
     if unbeaten:
         return f"MetaCompress ({_fmt(ours)}) does not beat: {', '.join(unbeaten)}."
-    return f"MetaCompress ({_fmt(ours)}) beats every other method evaluated here ({len(others)})."
+    line = f"MetaCompress ({_fmt(ours)}) beats every other method evaluated here ({len(others)})"
+    closest = max(others, key=lambda s: s["Avg"], default=None)
+    if closest is None or not _gap(closest, ""):
+        return line + "."
+    return f"{line}; the closest, {label(closest['method'])} ({_fmt(closest['Avg'])}), by {_gap(closest, '')}."
+
+
+def _gap(s: dict, prefix: str) -> str:
+    """MetaCompress's Avg minus this method's over the same dialogues, ± the half-width of its 95 % interval;
+    nothing without a paired comparison."""
+    if s.get("vs_metacompress") is None:
+        return ""
+    se = s.get("vs_metacompress_se")
+    return f"{prefix}{s['vs_metacompress']:+.2f}" + ("" if se is None else f" ± {_fmt(Z95 * se)}")
 
 
 def _spread(s: dict, key: str) -> str:

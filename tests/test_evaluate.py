@@ -98,6 +98,17 @@ def test_evaluate_tables_match_a_plain_recomputation_and_cache_per_method_and_ra
                 for r in rows for t, a in enumerate(r["answers"])]
         assert float(row["Agree"]) == pytest.approx(100 * sum(same) / len(same))
     assert float(table[("0.5", "Base")]["Agree"]) == 100.0
+    # the paired gap to MetaCompress: the mean of the per-dialogue differences, ± 1.96 standard errors of that mean
+    import statistics
+
+    ours = {r["dialogue_id"]: r["scores"] for r in stored["metacompress@0.5"]}
+    for job in jobs[1:-1]:
+        d = [100 * (sum(ours[r["dialogue_id"]]) - sum(r["scores"])) / 3 for r in stored[job.key]]
+        row = table[("0.5", label(job.method))]
+        assert float(row["vs_MetaCompress"]) == pytest.approx(statistics.mean(d), abs=1e-9)
+        half = statistics.NormalDist().inv_cdf(0.975) * statistics.stdev(d) / len(d) ** 0.5
+        assert float(row["vs_MetaCompress_ci95"]) == pytest.approx(half, abs=1e-9)
+    assert table[("0.5", "MetaCompress")]["vs_MetaCompress"] == table[("0.5", "Base")]["vs_MetaCompress"] == ""
 
     # the test split only reports; the registry decides on the validation split (here the same file), with the
     # numbers of that split's table at the candidate's rate
@@ -251,7 +262,7 @@ def test_reports_put_base_first_in_every_rate_block(tmp_path):
     summaries = [s("sample", 0.9, [40, 50]), s("full", None, [80, 90]), s("sample", 0.7, [60, 70]),
                  s("metacompress", 0.7, [70, 80])]
     header, rows = results_rows(summaries)
-    assert header == ["rate", "method", "Acc_1", "Acc_2", "Avg", "Agree"]
+    assert header == ["rate", "method", "Acc_1", "Acc_2", "Avg", "Agree", "vs_MetaCompress", "vs_MetaCompress_ci95"]
     assert [(r[0], r[1], r[4]) for r in rows] == [(0.7, "Base", 85.0), (0.7, "Sample", 65.0),
                                                   (0.7, "MetaCompress", 75.0), (0.9, "Base", 85.0),
                                                   (0.9, "Sample", 45.0)]

@@ -1,15 +1,17 @@
 """VQA-v2 soft accuracy and normalisation on cases computed by hand from the official rules (vqaEval.py), exact match,
-and per-turn accuracy."""
+per-turn accuracy and the paired comparison of two methods."""
 
 from __future__ import annotations
 
 import random
+import statistics
 
 import pytest
 
 from pipeline.metrics import (
     exact_match,
     normalize_vqa_answer,
+    paired_avg_difference,
     per_turn_accuracy,
     process_digit_article,
     process_punctuation,
@@ -177,3 +179,42 @@ def test_per_turn_accuracy() -> None:
         per_turn_accuracy([[1.0, 1.5]])
     with pytest.raises(ValueError):
         per_turn_accuracy([])
+
+
+def test_paired_avg_difference_by_hand() -> None:
+    # unequal lengths: turn 2 is reached by x only. c = 100 * sum_t delta_t / (T * n_t) = (16.67, 0, 16.67)
+    a = {"x": [1, 1], "y": [0], "z": [1]}
+    b = {"x": [0, 1], "y": [0], "z": [0], "only_b": [1]}  # a dialogue one side lacks is left out
+    diff, se, n = paired_avg_difference(a, b)
+    assert n == 3
+    common = ["x", "y", "z"]
+    assert diff == pytest.approx(per_turn_accuracy([a[k] for k in common])["Avg"]
+                                 - per_turn_accuracy([b[k] for k in common])["Avg"])  # 83.33 - 50
+    assert se == pytest.approx(50 / 3)  # sqrt(3 * var(16.67, 0, 16.67)), var = 92.59
+    assert paired_avg_difference({"x": [1, 0]}, {"x": [0, 0]}) == (50.0, None, 1)
+    with pytest.raises(ValueError, match="no evaluated dialogue"):
+        paired_avg_difference({"x": [1]}, {"y": [1]})
+    with pytest.raises(ValueError, match="dialogue x: 2 against 1"):
+        paired_avg_difference({"x": [1, 0]}, {"x": [1]})
+
+
+def test_paired_avg_difference_equal_lengths_is_the_mean_difference_and_covers_the_truth() -> None:
+    rng = random.Random(0)
+    a = {str(i): [rng.random() for _ in range(3)] for i in range(50)}
+    b = {k: [rng.random() for _ in range(3)] for k in a}
+    d = [100 * (sum(a[k]) - sum(b[k])) / 3 for k in a]  # per-dialogue differences
+    diff, se, n = paired_avg_difference(a, b)
+    assert diff == pytest.approx(statistics.mean(d)) and se == pytest.approx(statistics.stdev(d) / 50 ** 0.5)
+
+    # the 95 % interval covers the true difference in about 95 % of repeated experiments; the two methods'
+    # answers are correlated per dialogue (an easy or hard dialogue for both), which pairing must use
+    covered, trials = 0, 400
+    for _ in range(trials):
+        a, b = {}, {}
+        for i in range(120):
+            easy = rng.random() < 0.6
+            a[str(i)] = [float(rng.random() < (0.9 if easy else 0.5)) for _ in range(3)]
+            b[str(i)] = [float(rng.random() < (0.85 if easy else 0.4)) for _ in range(3)]
+        diff, se, _ = paired_avg_difference(a, b)
+        covered += abs(diff - 100 * (0.6 * 0.05 + 0.4 * 0.1)) <= 1.96 * se
+    assert 0.92 <= covered / trials <= 0.98

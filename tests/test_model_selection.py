@@ -120,4 +120,12 @@ def test_standing_names_every_method_not_beaten():
     members[2]["Avg"] = members[3]["Avg"] = 60.0
     assert standing(members) == "MetaCompress (70.00) beats every other method evaluated here (3)."
     table = results_markdown([dict(m, Acc_1=m["Avg"]) for m in members])
-    assert "beats every other method evaluated here (3)" in table
+    assert "beats every other method evaluated here (3)" in table and "Gap:" not in table
+    # with the paired comparison: each gap and its 95 % half-width (1.96 standard errors)
+    members[2].update(vs_metacompress=10.0, vs_metacompress_se=2.0, vs_metacompress_dialogues=150)
+    members[3].update(vs_metacompress=10.0, vs_metacompress_se=None, vs_metacompress_dialogues=1)
+    assert standing(members) == ("MetaCompress (70.00) beats every other method evaluated here (3); the closest, "
+                                 "FastV (60.00), by +10.00 ± 3.92.")
+    members[2].update(Avg=72.5, vs_metacompress=-2.5)
+    assert standing(members) == "MetaCompress (70.00) does not beat: FastV (72.50, gap -2.50 ± 3.92)."
+    assert "Gap: MetaCompress's Avg minus" in results_markdown([dict(m, Acc_1=m["Avg"]) for m in members])

@@ -17,7 +17,8 @@ from stages.evaluate.judging import check_judged, judge_rows
 from stages.evaluate.planning import Job, plan
 from stages.evaluate.promotion import track
 from stages.evaluate.report_files import matrix_items, write_report_files
-from stages.evaluate.summary import full_token_answers, merge_seeds, per_turn_efficiency, read_rows, summarise
+from stages.evaluate.summary import (compare_to_metacompress, full_token_answers, merge_seeds, per_turn_efficiency,
+                                     read_rows, summarise)
 from stages.evaluate.worker import EvalWorker
 from stages.outputs import EVALUATE as STAGE
 from stages.outputs import eval_feature_hash, eval_uri, extract_args, reports_dir
@@ -124,6 +125,7 @@ def run(config: PipelineConfig, split: str = "test", progress: bool = True) -> E
         if judged.get(job.key):  # ConvBench's names: S1..S_T per turn, S0 the whole conversation
             summary.update({f"S{k[4:]}": v for k, v in summary.items() if k.startswith("Acc_")}, **judged[job.key])
     summaries = merge_seeds(jobs, summaries)
+    compare_to_metacompress(jobs, rows, summaries)
     first = {}
     for job in jobs:  # efficiency per turn: a stochastic method's first seed stands for all
         first.setdefault(job.base_key, job)

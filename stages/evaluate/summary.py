@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 from pipeline.config import PipelineConfig
-from pipeline.metrics import per_turn_accuracy, same_answer
+from pipeline.metrics import paired_avg_difference, per_turn_accuracy, same_answer
 from pipeline.shards import StageOutput
 from stages.common import StageFailed
 from stages.outputs import complete_output, teacher_args
@@ -102,3 +102,23 @@ def merge_seeds(jobs: list, summaries: list[dict]) -> list[dict]:
         merged["seeds"] = len(group)
         out.append(merged)
     return out
+
+
+def compare_to_metacompress(jobs: list, rows: dict[str, list[dict]], summaries: list[dict]) -> None:
+    """Adds to every other summary at a rate where MetaCompress ran ``vs_metacompress`` (MetaCompress's Avg minus its
+    own, points, paired over the dialogues both evaluated), ``vs_metacompress_se`` (its standard error,
+    pipeline.metrics.paired_avg_difference) and ``vs_metacompress_dialogues``. ``summaries`` are merge_seeds's, one
+    per job base key in the jobs' order; a stochastic method's scores are averaged over its seeds first."""
+    runs: dict[str, dict[str, list[list[float]]]] = {}
+    for job in jobs:
+        for r in rows[job.key]:
+            runs.setdefault(job.base_key, {}).setdefault(r["dialogue_id"], []).append(r["scores"])
+    scores = {key: {d: [sum(turn) / len(turn) for turn in zip(*seeds)] for d, seeds in per.items()}
+              for key, per in runs.items()}
+    keys = list(dict.fromkeys(job.base_key for job in jobs))
+    ours = {s["rate"]: key for key, s in zip(keys, summaries) if s["method"] == "metacompress"}
+    for key, s in zip(keys, summaries):
+        if s["method"] == "metacompress" or s["rate"] not in ours:
+            continue
+        diff, se, n = paired_avg_difference(scores[ours[s["rate"]]], scores[key])
+        s.update(vs_metacompress=diff, vs_metacompress_se=se, vs_metacompress_dialogues=n)

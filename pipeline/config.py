@@ -635,7 +635,25 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         config = config_from_dict(data)
     except ConfigError as err:
         raise ConfigError(f"{path or 'default config'}: {err}") from None
-    return resolve_paths(config, base)
+    config = resolve_paths(config, base)
+    _check_generated_splits(data.get("data") or {}, config, path)
+    return config
+
+
+def _check_generated_splits(named: dict, config: PipelineConfig, path) -> None:
+    """A generated benchmark (data.mt_shapes / data.mt_video) writes its own three splits and points data.train,
+    data.val and data.test at them, so a split file named next to it would be silently replaced: refuse it, unless
+    it is the generated file itself (a saved resolved_config.yaml)."""
+    spec = "mt_shapes" if config.data.mt_shapes is not None else "mt_video" if config.data.mt_video is not None else None
+    if spec is None:
+        return
+    folder = f"data/{spec.replace('_', '-')}"
+    for split in ("train", "val", "test"):
+        value = getattr(config.data, split)
+        if split in named and not Path(value).as_posix().endswith(f"{folder}/{split}/dialogues.jsonl"):
+            raise ConfigError(f"{path or 'default config'}: data.{split} = {value}, but data.{spec} generates the "
+                              f"splits under <work_dir>/{folder} and would replace it; to read your own files, set "
+                              f"data.{spec}: null and name data.train, data.val and data.test")
 
 
 def resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:

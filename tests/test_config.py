@@ -4,8 +4,8 @@ import yaml
 from pipeline.config import ConfigError, PipelineConfig, load_config
 
 
-def write(tmp_path, data):
-    path = tmp_path / "c.yaml"
+def write(tmp_path, data, name="c.yaml"):
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -58,3 +58,19 @@ def test_section_hash_changes_only_with_its_sections():
     b.train.lr = 0.5
     assert a.section_hash("model", "teacher") == b.section_hash("model", "teacher")
     assert a.section_hash("train") != b.section_hash("train")
+
+
+def test_a_split_named_next_to_a_generated_benchmark_is_refused_not_replaced(tmp_path):
+    source = write(tmp_path, {"model": {"path": "m"}, "data": {"mt_shapes": {"dialogues": 100, "val": 10, "test": 10}}})
+    with pytest.raises(ConfigError, match=r"data.test = /elsewhere/test.jsonl, but data.mt_shapes generates .* "
+                                          r"set data.mt_shapes: null"):
+        load_config(source, overrides={"data.test": "/elsewhere/test.jsonl"})
+    # the generated files themselves (a saved resolved_config.yaml) and the generator turned off are fine
+    generated = {f"data.{s}": f"/w/data/mt-shapes/{s}/dialogues.jsonl" for s in ("train", "val", "test")}
+    assert load_config(source, overrides=generated).data.test == "/w/data/mt-shapes/test/dialogues.jsonl"
+    own = load_config(source, overrides={"data.mt_shapes": None, "data.test": "/elsewhere/test.jsonl"})
+    assert own.data.mt_shapes is None and own.data.test == "/elsewhere/test.jsonl"
+    video = write(tmp_path, {"model": {"path": "m"}, "data": {"mt_video": {"dialogues": 100, "val": 10, "test": 10},
+                                                               "val": "v.jsonl"}}, "v.yaml")
+    with pytest.raises(ConfigError, match="data.val = .*v.jsonl, but data.mt_video generates"):
+        load_config(video)

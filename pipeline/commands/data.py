@@ -58,7 +58,8 @@ def _mt_focus(args: argparse.Namespace) -> dict[str, Any]:
     cfg = mt_focus.MTFocusConfig(
         image_size=args.image_size, aspect=mt_shapes.parse_aspect(args.aspect),
         aspects=mt_shapes.parse_aspects(args.aspects) if args.aspects else mt_shapes.DEFAULT_ASPECTS)
-    counts = mt_focus.generate(out, args.dialogues, args.seed, cfg, val=args.val, test=args.test, turns=args.turns)
+    counts = mt_focus.generate(out, args.dialogues, args.seed, cfg, val=args.val, test=args.test, turns=args.turns,
+                               progress=not args.quiet)
     return {"out": str(out), "counts": counts}
 
 
@@ -71,7 +72,8 @@ def _mt_video(args: argparse.Namespace) -> dict[str, Any]:
     if aspect is None:
         raise ValueError("--aspect random is not supported by mt-video (one frame size per split); give N or W:H")
     cfg = mt_video.MTVideoConfig(image_size=args.image_size, aspect=aspect, frames=args.frames, fps=args.fps)
-    counts = mt_video.generate(out, args.dialogues, args.seed, cfg, val=args.val, test=args.test, turns=args.turns)
+    counts = mt_video.generate(out, args.dialogues, args.seed, cfg, val=args.val, test=args.test, turns=args.turns,
+                               progress=not args.quiet)
     return {"out": str(out), "counts": counts}
 
 
@@ -201,7 +203,7 @@ def _common_builder_options(p: argparse.ArgumentParser) -> None:
 
 
 def _generator_arguments(p) -> None:
-    """The arguments MT-Shapes and MT-Focus share: where, how many, the splits, turns and image shape."""
+    """The arguments the generated benchmarks share: where, how many, the splits, turns, image shape and output."""
     p.add_argument("--out", required=True)
     p.add_argument("--dialogues", type=at_least_one, required=True,
                    help="total dialogues over all splits (default split: 80/10/10 %%)")
@@ -213,6 +215,8 @@ def _generator_arguments(p) -> None:
     p.add_argument("--aspect", default="1", help="width:height (e.g. 3:2 or 1.5), or 'random' (one per scene)")
     p.add_argument("--aspects", nargs="+", default=None,
                    help="choices for --aspect random (default 1:2 2:3 1:1 3:2 2:1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -227,14 +231,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--multiple", type=int, default=8, help="round image sides to this (the patch size)")
     p.add_argument("--min-objects", type=int, default=3)
     p.add_argument("--max-objects", type=int, default=6)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_printed(_mt_shapes))
 
     p = sub.add_parser("mt-focus", help="generate MT-Focus train/val/test splits (few objects, plain backgrounds, "
                                          "every turn about one object)")
     _generator_arguments(p)
-    p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_printed(_mt_focus))
 
     p = sub.add_parser("mt-video", help="generate MT-Video train/val/test splits (moving, appearing and "
@@ -242,7 +243,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _generator_arguments(p)
     p.add_argument("--frames", type=at_least_one, default=8, help="frames per video (4-64, default 8)")
     p.add_argument("--fps", type=at_least_one, default=4, help="frames per second of the written videos (default 4)")
-    p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_printed(_mt_video))
 
     p = sub.add_parser("video-mme", help="Video-MME annotations (test-*.parquet / .json / .jsonl) + videos -> "

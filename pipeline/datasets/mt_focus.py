@@ -187,8 +187,10 @@ def sample_dialogue(rng: np.random.Generator, scene: FocusScene, turns: int = 3)
 
 
 def generate_split(out_dir: str | os.PathLike, split: str, count: int, seed: int, cfg: MTFocusConfig = MTFocusConfig(),
-                   turns: int = 3) -> int:
+                   turns: int = 3, progress: bool = True) -> int:
     """Write ``out_dir/split/{dialogues.jsonl, focus_scenes.jsonl, images/*.png}`` with ``count`` dialogues."""
+    from tqdm import tqdm
+
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     split_dir = Path(out_dir) / split
@@ -196,7 +198,7 @@ def generate_split(out_dir: str | os.PathLike, split: str, count: int, seed: int
     dialogues = []
     tmp = split_dir / (SCENES_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for i in range(count):
+        for i in tqdm(range(count), desc=f"mt-focus {split}", disable=not progress):
             rng = _rng(seed, split, i)
             did = f"mtfocus-{split}-{i:06d}"
             scene = sample_scene(rng, cfg, did)
@@ -212,9 +214,10 @@ def generate_split(out_dir: str | os.PathLike, split: str, count: int, seed: int
 
 
 def generate(out_dir: str | os.PathLike, total: int, seed: int, cfg: MTFocusConfig = MTFocusConfig(),
-             val: int | None = None, test: int | None = None, turns: int = 3) -> dict[str, int]:
+             val: int | None = None, test: int | None = None, turns: int = 3,
+             progress: bool = True) -> dict[str, int]:
     """All three splits under ``out_dir``. Returns the number of dialogues per split."""
-    return generate_splits(out_dir, "mt_focus.json", generate_split, total, seed, cfg, val, test, turns)
+    return generate_splits(out_dir, "mt_focus.json", generate_split, total, seed, cfg, val, test, turns, progress)
 
 
 def load_scenes(path: str | os.PathLike) -> dict[str, FocusScene]:

@@ -201,14 +201,16 @@ def sample_dialogue(rng: np.random.Generator, scene: VideoScene, turns: int = 3)
 
 
 def generate_split(out_dir: str | os.PathLike, split: str, count: int, seed: int, cfg: MTVideoConfig = MTVideoConfig(),
-                   turns: int = 3) -> int:
+                   turns: int = 3, progress: bool = True) -> int:
     """Write ``out_dir/split/{dialogues.jsonl, video_scenes.jsonl, videos/*.mp4}`` with ``count`` dialogues."""
+    from tqdm import tqdm
+
     split_dir = Path(out_dir) / split
     (split_dir / "videos").mkdir(parents=True, exist_ok=True)
     dialogues = []
     tmp = split_dir / (SCENES_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for i in range(count):
+        for i in tqdm(range(count), desc=f"mt-video {split}", disable=not progress):
             rng = _rng(seed, split, i)
             did = f"mtvideo-{split}-{i:06d}"
             scene = sample_scene(rng, cfg, did)
@@ -223,6 +225,7 @@ def generate_split(out_dir: str | os.PathLike, split: str, count: int, seed: int
 
 
 def generate(out_dir: str | os.PathLike, total: int, seed: int, cfg: MTVideoConfig = MTVideoConfig(),
-             val: int | None = None, test: int | None = None, turns: int = 3) -> dict[str, int]:
+             val: int | None = None, test: int | None = None, turns: int = 3,
+             progress: bool = True) -> dict[str, int]:
     """All three splits under ``out_dir``. Returns the number of dialogues per split."""
-    return generate_splits(out_dir, "mt_video.json", generate_split, total, seed, cfg, val, test, turns)
+    return generate_splits(out_dir, "mt_video.json", generate_split, total, seed, cfg, val, test, turns, progress)

@@ -149,7 +149,8 @@ def _gap(s: dict, prefix: str) -> str:
     if s.get("vs_metacompress") is None:
         return ""
     se = s.get("vs_metacompress_se")
-    return f"{prefix}{s['vs_metacompress']:+.2f}" + ("" if se is None else f" ± {_fmt(Z95 * se)}")
+    gap = round(s["vs_metacompress"], 2) + 0.0  # + 0.0: a tie reads +0.00, not -0.00
+    return f"{prefix}{gap:+.2f}" + ("" if se is None else f" ± {_fmt(Z95 * se)}")
 
 
 def _spread(s: dict, key: str) -> str:

@@ -129,3 +129,5 @@ def test_standing_names_every_method_not_beaten():
     members[2].update(Avg=72.5, vs_metacompress=-2.5)
     assert standing(members) == "MetaCompress (70.00) does not beat: FastV (72.50, gap -2.50 ± 3.92)."
     assert "Gap: MetaCompress's Avg minus" in results_markdown([dict(m, Acc_1=m["Avg"]) for m in members])
+    members[2].update(Avg=70.0, vs_metacompress=-1e-9)  # a tie
+    assert standing(members) == "MetaCompress (70.00) does not beat: FastV (70.00, gap +0.00 ± 3.92)."

@@ -133,17 +133,17 @@ def standing(members: list[dict]) -> str:
     if ours is None:
         return ""
     others = [s for s in members if s["method"] not in ("full", "metacompress") and s["Avg"] is not None]
-    unbeaten = [f"{label(s['method'])} ({_fmt(s['Avg'])}{_gap(s, ', gap ')})" for s in others if s["Avg"] >= ours]
+    unbeaten = [f"{label(s['method'])} ({_fmt(s['Avg'])}{gap_text(s, ', gap ')})" for s in others if s["Avg"] >= ours]
     if unbeaten:
         return f"MetaCompress ({_fmt(ours)}) does not beat: {', '.join(unbeaten)}."
     line = f"MetaCompress ({_fmt(ours)}) beats every other method evaluated here ({len(others)})"
     closest = max(others, key=lambda s: s["Avg"], default=None)
-    if closest is None or not _gap(closest, ""):
+    if closest is None or not gap_text(closest, ""):
         return line + "."
-    return f"{line}; the closest, {label(closest['method'])} ({_fmt(closest['Avg'])}), by {_gap(closest, '')}."
+    return f"{line}; the closest, {label(closest['method'])} ({_fmt(closest['Avg'])}), by {gap_text(closest, '')}."
 
 
-def _gap(s: dict, prefix: str) -> str:
+def gap_text(s: dict, prefix: str) -> str:
     """MetaCompress's Avg minus this method's over the same dialogues, ± the half-width of its 95 % interval;
     nothing without a paired comparison."""
     if s.get("vs_metacompress") is None:

@@ -122,6 +122,9 @@ def test_evaluate_tables_match_a_plain_recomputation_and_cache_per_method_and_ra
     assert decision["rate"] == 0.5 and decision["candidate_avg"] == pytest.approx(ours)
     assert decision["best_baseline_avg"] == pytest.approx(max(avg.values()))
     assert decision["promoted"] == (ours > max(avg.values()))
+    closest = max(avg, key=avg.get)
+    gap = round(float(val_table[("0.5", closest)]["vs_MetaCompress"]), 2) + 0.0
+    assert decision["reason"].endswith("over 4 val dialogues") and f"gap {gap:+.2f} ± " in decision["reason"]
     assert [row["method"] for row in read_csv(Path(report.reports_dir) / "results.csv")][0] == "Base"
 
     # the stored answers are those of an independent single-dialogue chat session

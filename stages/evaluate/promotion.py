@@ -36,6 +36,20 @@ def evaluated_compressors(config: PipelineConfig, jobs: list[Job], summaries: li
     return out
 
 
+def closest_gap(summaries: list[dict], rate: float | None) -> str:
+    """"; closest: <method>, gap +x ± y over N dialogues" for the best other method at ``rate`` (the paired gap of
+    stages.evaluate.summary.compare_to_metacompress), so that a promotion decided on a small validation split says
+    how little it may mean; empty where there is no such comparison."""
+    from pipeline.reports import gap_text
+
+    others = [s for s in summaries if s["rate"] == rate and s.get("vs_metacompress") is not None]
+    if not others:
+        return ""
+    best = max(others, key=lambda s: s["Avg"])
+    return (f"; closest: {best['method']}, gap {gap_text(best, '')} over {best['vs_metacompress_dialogues']} "
+            f"{PROMOTION_SPLIT} dialogues")
+
+
 def track(config: PipelineConfig, split: str, jobs: list[Job], summaries: list[dict], reports_path: str,
           agreement_reference: str, skipped: list[str]) -> dict | None:
     """Log params, metrics and report files to the stage's MLflow run; on the validation split, promote the candidate.
@@ -64,6 +78,7 @@ def track(config: PipelineConfig, split: str, jobs: list[Job], summaries: list[d
         if not evaluated or split != PROMOTION_SPLIT:  # the test split only reports (docs/design.md §6)
             return None
         decision = promote(tracking.tracking_uri(config), config.tracking.registered_model, evaluated).to_dict()
+        decision["reason"] += closest_gap(summaries, decision["rate"])
         mlflow.log_dict(decision, "promotion.json")
         mlflow.log_metric("promoted", float(decision["promoted"]))
         mlflow.set_tag("promotion", decision["reason"])

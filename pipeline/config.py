@@ -644,9 +644,10 @@ def _check_generated_splits(named: dict, config: PipelineConfig, path) -> None:
     """A generated benchmark (data.mt_shapes / data.mt_video) writes its own three splits and points data.train,
     data.val and data.test at them, so a split file named next to it would be silently replaced: refuse it, unless
     it is the generated file itself (a saved resolved_config.yaml)."""
-    spec = "mt_shapes" if config.data.mt_shapes is not None else "mt_video" if config.data.mt_video is not None else None
-    if spec is None:
+    generated = [name for name in ("mt_shapes", "mt_video") if getattr(config.data, name) is not None]
+    if not generated:
         return
+    spec = generated[0]
     folder = f"data/{spec.replace('_', '-')}"
     for split in ("train", "val", "test"):
         value = getattr(config.data, split)

@@ -640,15 +640,19 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return config
 
 
+# Where a generated benchmark writes its splits, under the work_dir (pipeline.commands.run.prepare_data)
+GENERATED_DIRS = {"mt_shapes": "data/mt-shapes", "mt_video": "data/mt-video"}
+
+
 def _check_generated_splits(named: dict, config: PipelineConfig, path) -> None:
     """A generated benchmark (data.mt_shapes / data.mt_video) writes its own three splits and points data.train,
     data.val and data.test at them, so a split file named next to it would be silently replaced: refuse it, unless
     it is the generated file itself (a saved resolved_config.yaml)."""
-    generated = [name for name in ("mt_shapes", "mt_video") if getattr(config.data, name) is not None]
+    generated = [name for name in GENERATED_DIRS if getattr(config.data, name) is not None]
     if not generated:
         return
     spec = generated[0]
-    folder = f"data/{spec.replace('_', '-')}"
+    folder = GENERATED_DIRS[spec]
     for split in ("train", "val", "test"):
         value = getattr(config.data, split)
         if split in named and not Path(value).as_posix().endswith(f"{folder}/{split}/dialogues.jsonl"):

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.config import GENERATED_DIRS, ConfigError, PipelineConfig, load_config
 
 # stage -> (module, splits it runs on). Order matters: each stage reads the previous one's outputs.
 STAGES = {
@@ -57,7 +57,7 @@ def prepare_data(config: PipelineConfig) -> None:
         return
     from pipeline.datasets.mt_shapes import MTShapesConfig, generate
 
-    root = Path(_local_dir(config)) / "data" / "mt-shapes"
+    root = Path(_local_dir(config)) / GENERATED_DIRS["mt_shapes"]
     if not (root / "mt_shapes.json").is_file():
         cfg = MTShapesConfig(image_size=spec.image_size, aspect=None if spec.random_aspect else 1.0)
         generate(root, total=spec.dialogues, seed=spec.seed, cfg=cfg, val=spec.val, test=spec.test)
@@ -69,7 +69,7 @@ def _prepare_mt_video(config: PipelineConfig) -> None:
     from pipeline.datasets.mt_video import MTVideoConfig, generate
 
     spec = config.data.mt_video
-    root = Path(_local_dir(config)) / "data" / "mt-video"
+    root = Path(_local_dir(config)) / GENERATED_DIRS["mt_video"]
     if not (root / "mt_video.json").is_file():
         cfg = MTVideoConfig(image_size=spec.image_size, frames=spec.frames, fps=spec.fps)
         generate(root, total=spec.dialogues, seed=spec.seed, cfg=cfg, val=spec.val, test=spec.test)

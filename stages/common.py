@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +50,11 @@ def load_split(config: PipelineConfig, split: str, limit: int | None) -> tuple[l
         if limit is not None and len(records) >= limit:
             break
     return records, bad
+
+
+def reference_answer(answers: list[str]) -> str:
+    """The reference answer fed as history (``history: reference``): the most frequent one, the first on ties."""
+    return Counter(answers).most_common(1)[0][0]
 
 
 # --- video dialogues (docs/design.md §5, video) ----------------------------------------------------------------------

@@ -3,7 +3,10 @@
 Per dialogue: the teacher's own greedy answers (text and token ids per turn, the history holding its own answers)
 and, at every answer token, the top-k log-probabilities and ids (float16 + int32) and the log of the remaining tail
 mass (float32). The targets come from one teacher-forced pass over the whole dialogue with the generated answers,
-which is the same computation as the generation (checked by a test).
+which is the same computation as the generation (checked by a test). With ``teacher.history: reference`` the forced
+answers are the dialogue's reference answers instead (each followed by the end-of-turn token the teacher stopped
+with): ``answer_ids`` are then those, the targets the teacher's distributions along them, and ``answers`` the
+teacher's own greedy answers with the references as history (docs/design.md §4.2).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 from pipeline.config import PipelineConfig
 from pipeline.shards import StageOutput
 from stages.common import (FeatureReader, StageReport, encoded_image, load_split, model_actor, per_split,
-                           run_sharded, shard_ranges, split_limit, stage_actors, stage_adapter, video_sampling)
+                           reference_answer, run_sharded, shard_ranges, split_limit, stage_actors, stage_adapter,
+                           video_sampling)
 from stages.outputs import TEACHER as STAGE
 from stages.outputs import finished_extract_args
 from stages.outputs import teacher_args as output_args
@@ -34,21 +38,27 @@ class TeacherWorker:
         from compress.lvlm.session import BatchChatSession, answer_logits_batch
 
         ad = self.adapter
-        session = BatchChatSession(ad, "full", max_new_tokens=self.teacher["max_new_tokens"], history="model")
+        reference = self.teacher["history"] == "reference"
+        session = BatchChatSession(ad, "full", max_new_tokens=self.teacher["max_new_tokens"],
+                                   history="reference" if reference else "model")
         session.set_images(features)
         turns = len(dialogues[0]["questions"])
-        answer_ids: list[list[list[int]]] = [[] for _ in dialogues]
+        answer_ids: list[list[list[int]]] = [[] for _ in dialogues]  # the forced answers
+        own: list[list[list[int]]] = [[] for _ in dialogues]  # the teacher's greedy answers
         for t in range(turns):
-            for b, result in enumerate(session.ask([d["questions"][t] for d in dialogues])):
-                answer_ids[b].append(result.target_ids)  # with the end-of-turn token (docs/design.md §5)
+            refs = [reference_answer(d["answers"][t]) for d in dialogues] if reference else None
+            for b, result in enumerate(session.ask([d["questions"][t] for d in dialogues], refs)):
+                own[b].append(result.target_ids)  # with the end-of-turn token (docs/design.md §5)
+                answer_ids[b].append(result.target_ids if not reference else
+                                     ad.answer_ids(refs[b]) + ([result.stop_id] if result.stop_id is not None else []))
         with torch.no_grad():
             forced = answer_logits_batch(ad, [f.tokens for f in features], [d["questions"] for d in dialogues],
                                          answer_ids, image_positions=[ad.positions_after(f.layout) for f in features])
         rows = []
-        for d, ids_per_turn, out in zip(dialogues, answer_ids, forced):
+        for d, ids_per_turn, own_per_turn, out in zip(dialogues, answer_ids, own, forced):
             top, ids, tail = topk_targets(out.logits, self.teacher["top_k"])
             per_turn = [out.turn_index == t for t in range(turns)]
-            rows.append({"dialogue_id": d["dialogue_id"], "answers": [ad.decode(a) for a in ids_per_turn],
+            rows.append({"dialogue_id": d["dialogue_id"], "answers": [ad.decode(a) for a in own_per_turn],
                          "answer_ids": [torch.tensor(a, dtype=torch.int32) for a in ids_per_turn],
                          "topk_logprobs": [top[m].half() for m in per_turn],
                          "topk_ids": [ids[m].int() for m in per_turn],
@@ -80,9 +90,6 @@ class TeacherWorker:
 def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> StageReport:
     from pipeline.cluster import actor_gpus, device_for
 
-    if config.teacher.history != "own":
-        raise ValueError("teacher.history: the teacher cache is built from the model's own answers ('own'); "
-                         "'reference' is an evaluation option (evaluate.history)")
     feature_args = finished_extract_args(config, split, STAGE)
     records, _ = load_split(config, split, split_limit(config, split))
     out_args = output_args(config, split)
@@ -91,7 +98,7 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     ranges = shard_ranges(len(records), config.shards.dialogues_per_shard)
     gpus = actor_gpus(config, STAGE)
     teacher = {"top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
-               "batch_size": config.evaluate.batch_size}
+               "batch_size": config.evaluate.batch_size, "history": config.teacher.history}
     actor_cls = model_actor(TeacherWorker, gpus, getattr(config.resources, STAGE).num_cpus)
     video = video_sampling(config)
     return run_sharded(

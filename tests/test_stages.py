@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,37 @@ def test_teacher_targets_reproduce_the_full_model(workspace, ray_local):
     kl = kl_topk + p_tail * (p_tail.clamp_min(1e-12).log() - tail)
     assert (kl <= tail_mass + 1e-3).all()
     print(f"teacher cache: {bytes_per_answer_token(out, report.shards):.0f} bytes per answer token at k = 8")
+
+
+def test_teacher_with_reference_history_distils_along_the_references(workspace, ray_local):
+    import torch
+
+    from compress.lvlm import load_adapter
+    from compress.lvlm.session import dialogue_ids
+    from pipeline.dialogues import load_dialogues
+    from pipeline.shards import StageOutput
+    from stages import extract, teacher
+
+    config = make_config(workspace, work="work_reference", history="reference")
+    extract.run(config, "train", progress=False)
+    teacher.run(config, "train", progress=False)
+    out = StageOutput(**teacher.output_args(config, "train"))
+    adapter = load_adapter(config.model.path)
+    for row, dialogue in zip(out.read_records(0), load_dialogues(config.data.train)[:4]):
+        forced = [list(a) for a in row["answer_ids"]]
+        for turn, ids in zip(dialogue.turns, forced):
+            ref = adapter.answer_ids(Counter(turn.answers).most_common(1)[0][0])  # the most frequent reference
+            assert ids[:len(ref)] == ref and (ids[len(ref):] == [] or
+                                              (len(ids) == len(ref) + 1 and ids[-1] in adapter.stop_ids))
+        encoded = adapter.encode(dialogue.image)
+        seq, positions, _ = dialogue_ids(adapter, encoded.tokens.shape[0], [t.question for t in dialogue.turns],
+                                         forced)
+        with torch.no_grad():  # the model's own forward along the references, from the pixels
+            full = adapter.full_forward_logits(torch.tensor([seq]), encoded)[0].float().log_softmax(-1)
+        full_at = full[torch.tensor(positions) - 1]
+        top = torch.cat([torch.from_numpy(x.astype("float32")) for x in row["topk_logprobs"]])
+        top_ids = torch.cat([torch.from_numpy(x.astype("int64")) for x in row["topk_ids"]])
+        torch.testing.assert_close(top, full_at.gather(-1, top_ids), atol=2e-2, rtol=1e-2)  # float16 storage
 
 
 def test_outputs_of_another_config_are_refused(workspace, ray_local):

@@ -18,9 +18,10 @@ def read_rows(out: StageOutput, num_shards: int) -> list[dict]:
 
 def full_token_answers(config: PipelineConfig, split: str, full_rows: list[dict]) -> tuple[dict[str, list[str]], str]:
     """dialogue_id -> the full-token model's answer per turn, and where they come from: the teacher stage's own
-    answers when that stage finished for this split under the same protocol (own history, same answer length),
+    answers when that stage finished for this split under the same protocol (same history, same answer length),
     else the ``full`` method's evaluation answers."""
-    if config.evaluate.history == "own" and config.teacher.max_new_tokens == config.evaluate.max_new_tokens:
+    if (config.evaluate.history == config.teacher.history
+            and config.teacher.max_new_tokens == config.evaluate.max_new_tokens):
         try:
             out = complete_output(teacher_args(config, split))
         except FileNotFoundError:  # extract did not run on this split

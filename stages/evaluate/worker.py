@@ -3,20 +3,13 @@ through the multi-turn chat session of one (method, rate) and writes its rows.""
 
 from __future__ import annotations
 
-from collections import Counter
-
 from pipeline.datasets.common import cut_at_stop
 from pipeline.metrics import JUDGED_SOURCES, score
 from pipeline.shards import StageOutput
-from stages.common import FeatureReader, encoded_image, per_split, stage_adapter
+from stages.common import FeatureReader, encoded_image, per_split, reference_answer, stage_adapter
 
 STAT_FIELDS = ("vision_s", "reduce_s", "prefill_s", "decode_s", "ttft_s", "total_s", "peak_memory_bytes",
                "prefill_tokens", "prefill_flops", "kv_cache_len", "visual_tokens", "new_tokens")
-
-
-def reference_answer(answers: list[str]) -> str:
-    """The reference answer fed as history (``history: reference``): the most frequent one, the first on ties."""
-    return Counter(answers).most_common(1)[0][0]
 
 
 class EvalWorker:

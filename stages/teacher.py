@@ -38,7 +38,7 @@ class TeacherWorker:
         from compress.lvlm.session import BatchChatSession, answer_logits_batch
 
         ad = self.adapter
-        reference = self.teacher["history"] == "reference"
+        reference = self.teacher.get("history") == "reference"  # absent: own
         session = BatchChatSession(ad, "full", max_new_tokens=self.teacher["max_new_tokens"],
                                    history="reference" if reference else "model")
         session.set_images(features)

@@ -221,6 +221,24 @@ def validation_kl(config, directory) -> float:
                              RATE)["kl"])
 
 
+def test_a_crashed_worker_is_retried_from_its_checkpoint_within_the_run(train_workspace, zero2_run, monkeypatch):
+    """train.max_failures: Ray Train restarts the worker group after a worker dies, from the last checkpoint it
+    registered, inside the same ``train.run``; the weights equal the uninterrupted run's."""
+    import torch
+
+    from stages import train
+
+    config = fresh_work(train_workspace, "retry", max_failures=1)
+    monkeypatch.setenv(train.CRASH_ENV, "5")
+    report = train.run(config, progress=False)
+    directory = Path(train.compressor_dir(config, RATE))
+    logged = steps_logged(directory)  # the retried attempt's steps, from the checkpoint at step 2 or 4
+    assert report.results[RATE]["step"] == 8 and logged[0] in (3, 5) and logged == list(range(logged[0], 9))
+    expected = load_state(train.compressor_dir(zero2_run[0], RATE))
+    for key, value in load_state(directory).items():
+        assert torch.equal(expected[key], value), key
+
+
 def test_early_stopping_and_candidates_keep_the_lowest_validation_kl(train_workspace, ray_local):
     import json
 

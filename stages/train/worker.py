@@ -162,7 +162,8 @@ def train_loop(cfg: dict) -> None:
         if step % tc.checkpoint_every == 0 and step < total:  # the last one is saved with the result below
             metrics_log.flush()
             save_and_report({**last, "step": step})
-        if crash_after is not None and step == int(crash_after):
+        # the first attempt only: a retried one (train.max_failures) resumes before this step and gets past it
+        if crash_after is not None and first_step == 0 and step == int(crash_after):
             metrics_log.flush()
             os._exit(1)  # a hard crash (test hook): no cleanup, no report
 

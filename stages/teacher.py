@@ -6,7 +6,7 @@ mass (float32). The targets come from one teacher-forced pass over the whole dia
 which is the same computation as the generation (checked by a test). With ``teacher.history: reference`` the forced
 answers are the dialogue's reference answers instead (each followed by the end-of-turn token the teacher stopped
 with): ``answer_ids`` are then those, the targets the teacher's distributions along them, and ``answers`` the
-teacher's own greedy answers with the references as history (docs/design.md §4.2).
+teacher's own greedy answers with the references as history (docs/design.md §3.3).
 """
 
 from __future__ import annotations

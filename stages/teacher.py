@@ -38,7 +38,7 @@ class TeacherWorker:
         from compress.lvlm.session import BatchChatSession, answer_logits_batch
 
         ad = self.adapter
-        reference = self.teacher.get("history") == "reference"  # absent: own
+        reference = self.teacher["history"] == "reference"
         session = BatchChatSession(ad, "full", max_new_tokens=self.teacher["max_new_tokens"],
                                    history="reference" if reference else "model")
         session.set_images(features)
@@ -87,6 +87,12 @@ class TeacherWorker:
         return {"records": len(rows), "errors": []}  # dialogues extract could not read are recorded there
 
 
+def worker_options(config: PipelineConfig) -> dict:
+    """The teacher settings a ``TeacherWorker`` reads."""
+    return {"top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
+            "batch_size": config.evaluate.batch_size, "history": config.teacher.history}
+
+
 def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> StageReport:
     from pipeline.cluster import actor_gpus, device_for
 
@@ -97,8 +103,7 @@ def run(config: PipelineConfig, split: str = "train", progress: bool = True) -> 
     out.prepare(config.to_dict(), overwrite=config.shards.overwrite)
     ranges = shard_ranges(len(records), config.shards.dialogues_per_shard)
     gpus = actor_gpus(config, STAGE)
-    teacher = {"top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
-               "batch_size": config.evaluate.batch_size, "history": config.teacher.history}
+    teacher = worker_options(config)
     actor_cls = model_actor(TeacherWorker, gpus, getattr(config.resources, STAGE).num_cpus)
     video = video_sampling(config)
     return run_sharded(

@@ -27,7 +27,7 @@ def teacher_rows(qwen):
     from stages.teacher import TeacherWorker
 
     worker = object.__new__(TeacherWorker)  # the stage's per-batch function without Ray or shards
-    worker.adapter, worker.teacher = qwen, {"top_k": 8, "max_new_tokens": 3}
+    worker.adapter, worker.teacher = qwen, {"top_k": 8, "max_new_tokens": 3, "history": "own"}
     encoded = [qwen.encode(random_image(*size, seed=20 + i)) for i, size in enumerate((SIZES[0], SIZES[2]))]
     dialogues = [{"dialogue_id": f"d{i}", "questions": QUESTIONS} for i in range(2)]
     return encoded, worker._dialogue_batch(encoded, dialogues)

@@ -28,9 +28,7 @@ def build_cache(config, split: str) -> None:
     manifest = read_completed(f_args["uri"])
     t_args = teacher.output_args(config, split)
     StageOutput(**t_args).prepare(config.to_dict())
-    tw = teacher.TeacherWorker(config.model.path, config.model.dtype, "cpu",
-                               {"top_k": config.teacher.top_k, "max_new_tokens": config.teacher.max_new_tokens,
-                                "batch_size": config.evaluate.batch_size})
+    tw = teacher.TeacherWorker(config.model.path, config.model.dtype, "cpu", teacher.worker_options(config))
     feature_args = dict(uri=f_args["uri"], stage=extract.STAGE, config_hash=manifest["config_hash"],
                         input_hash=manifest["input_hash"], fmt=config.shards.format)
     for i, (a, b) in enumerate(ranges):

@@ -55,7 +55,7 @@ def video_rows(workspace):
     encoded = [ad.encode(d.image) for d in dialogues]
     assert [e.layout.num_tokens for e in encoded] == [TOKENS, TOKENS]
     worker = object.__new__(TeacherWorker)  # without Ray or shards
-    worker.adapter, worker.teacher = ad, {"top_k": 8, "max_new_tokens": 3}
+    worker.adapter, worker.teacher = ad, {"top_k": 8, "max_new_tokens": 3, "history": "own"}
     records = [{"dialogue_id": d.dialogue_id, "questions": [t.question for t in d.turns]} for d in dialogues]
     return ad, encoded, records, worker._dialogue_batch(encoded, records)
 
